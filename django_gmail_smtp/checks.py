@@ -1,0 +1,127 @@
+"""System checks (``manage.py check``): ids ``django_gmail_smtp.E0xx`` / ``W0xx``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+from django.db import DatabaseError
+
+from .exceptions import GmailConfigurationError
+
+BACKENDS = (
+    "django_gmail_smtp.backends.GmailSMTPBackend",
+    "django_gmail_smtp.backends.CeleryGmailBackend",
+)
+
+
+def backend_in_use() -> bool:
+    """True when EMAIL_BACKEND or any MAILERS entry names one of our backends."""
+    if getattr(settings, "EMAIL_BACKEND", "") in BACKENDS:
+        return True
+    mailers = getattr(settings, "MAILERS", None) or {}
+    return any((cfg or {}).get("BACKEND") in BACKENDS for cfg in mailers.values())
+
+
+@register("email")
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
+    from .conf import connection_settings, user_settings
+
+    messages: list = []
+    try:
+        user_settings()
+        host, port, security = connection_settings()
+    except GmailConfigurationError as exc:
+        return [Error(str(exc), id="django_gmail_smtp.E001")]
+    if (port == 465 and security == "starttls") or (port == 587 and security == "ssl"):
+        messages.append(
+            Error(
+                f'GMAIL_SMTP has PORT {port} with SECURITY "{security}"; Gmail speaks implicit '
+                "TLS on 465 and STARTTLS on 587.",
+                hint='Use {"PORT": 587, "SECURITY": "starttls"} or {"PORT": 465, "SECURITY": '
+                '"ssl"} (or set only one of them).',
+                id="django_gmail_smtp.E002",
+            )
+        )
+    if getattr(settings, "EMAIL_USE_SSL", False) and getattr(settings, "EMAIL_USE_TLS", False):
+        messages.append(
+            Error(
+                "EMAIL_USE_TLS and EMAIL_USE_SSL are both True.",
+                hint="Set only one: EMAIL_USE_TLS for port 587, EMAIL_USE_SSL for 465.",
+                id="django_gmail_smtp.E003",
+            )
+        )
+    keys = (getattr(settings, "GMAIL_SMTP", None) or {}).get("ENCRYPTION_KEYS")
+    if keys is None and not settings.DEBUG and backend_in_use():
+        messages.append(
+            Warning(
+                'GMAIL_SMTP["ENCRYPTION_KEYS"] is not set, so stored credentials are encrypted '
+                "with a key derived from SECRET_KEY; changing SECRET_KEY would make them "
+                "unreadable.",
+                hint='Generate a key with `python -c "from cryptography.fernet import Fernet; '
+                'print(Fernet.generate_key().decode())"`, keep it in the environment, and set '
+                'GMAIL_SMTP["ENCRYPTION_KEYS"] = [that key, SECRET_KEY] once (the old one '
+                "last), then run `manage.py gmail_smtp rotate-keys`.",
+                id="django_gmail_smtp.W003",
+            )
+        )
+    else:
+        try:
+            from .crypto import fernet
+
+            fernet()
+        except GmailConfigurationError as exc:
+            messages.append(Error(str(exc), id="django_gmail_smtp.E004"))
+    return messages
+
+
+@register("email")
+def check_accounts(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list:
+    """Checks that read the accounts table (skipped while the table does not exist)."""
+    if not backend_in_use():
+        return []
+    from .credentials import settings_account
+    from .routing import Router
+
+    try:
+        router = Router()
+        accounts = router.accounts()
+    except (DatabaseError, RuntimeError):
+        return []  # not migrated yet, or database access not allowed here
+    if not accounts:
+        return [
+            Warning(
+                "The Gmail backend is configured but there is no active GmailAccount and "
+                "EMAIL_HOST_USER / EMAIL_HOST_PASSWORD are not set, so no mail can be sent.",
+                hint="Add an account in the admin (Gmail SMTP > Gmail accounts), or set "
+                "EMAIL_HOST_USER and EMAIL_HOST_PASSWORD (an App Password).",
+                id="django_gmail_smtp.W001",
+            )
+        ]
+    messages = []
+    from .conf import get_setting
+
+    strict = bool(get_setting("STRICT_FROM"))
+    from email.utils import parseaddr
+
+    for name in ("DEFAULT_FROM_EMAIL", "SERVER_EMAIL"):
+        address = parseaddr(str(getattr(settings, name, "") or ""))[1]
+        if address and not router.candidates(address):
+            fallback = settings_account()
+            if fallback is not None and fallback.can_send_as(address):
+                continue
+            text = f"{name} is {address!r}, which no active Gmail account can send as; " + (
+                "STRICT_FROM is on, so such mail will be refused."
+                if strict
+                else "Gmail will send it from the default account's address instead."
+            )
+            messages.append(
+                Warning(
+                    text,
+                    hint=f"Set {name} to an account's address, or add {address} as a verified "
+                    "send-as alias of an account.",
+                    id="django_gmail_smtp.W002",
+                )
+            )
+    return messages

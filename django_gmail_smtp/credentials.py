@@ -1,0 +1,324 @@
+"""What an account logs in with: an App Password, or an OAuth2 access token kept fresh.
+
+OAuth2 tokens are refreshed with google-auth (``google.oauth2.credentials.Credentials`` for a
+user's refresh token, ``google.oauth2.service_account.Credentials.with_subject`` for Workspace
+domain-wide delegation); the new access token, and a rotated refresh token if Google returns
+one, are saved on the account. Refreshes are serialised per account with a row lock, so many
+workers do not refresh the same token at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from typing import Any, Literal
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
+
+from .conf import GMAIL_SCOPE, GOOGLE_TOKEN_URI, get_setting
+from .crypto import UnreadableSecret
+from .exceptions import (
+    ConsentRequired,
+    EncryptionKeyError,
+    GmailConfigurationError,
+    NoSenderAccount,
+    OAuthClientError,
+    TokenRefreshError,
+)
+from .models import GmailAccount, normalize_address, normalize_app_password
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SMTPCredentials:
+    """A login ready for the wire. ``repr()`` never shows the secret."""
+
+    user: str
+    mechanism: Literal["PASSWORD", "XOAUTH2"]
+    secret: str
+    expires_at: datetime | None = None
+
+    def __repr__(self) -> str:
+        return f"SMTPCredentials(user={self.user!r}, mechanism={self.mechanism!r}, secret=***)"
+
+    __str__ = __repr__
+
+    def expires_within(self, seconds: float) -> bool:
+        if self.expires_at is None:
+            return False
+        return self.expires_at <= timezone.now() + timedelta(seconds=seconds)
+
+
+def settings_account() -> GmailAccount | None:
+    """An unsaved App Password account from EMAIL_HOST_USER / EMAIL_HOST_PASSWORD, if set."""
+    user = getattr(settings, "EMAIL_HOST_USER", "") or ""
+    password = getattr(settings, "EMAIL_HOST_PASSWORD", "") or ""
+    if not user or not password:
+        return None
+    account = GmailAccount(
+        email=normalize_address(user),
+        auth_method=GmailAccount.AuthMethod.APP_PASSWORD,
+        app_password=normalize_app_password(password),
+        is_default=True,
+        is_active=True,
+    )
+    account.from_settings = True
+    return account
+
+
+def _secret(account: GmailAccount, field: str, label: str) -> str:
+    value = getattr(account, field)
+    if isinstance(value, UnreadableSecret):
+        raise EncryptionKeyError(
+            f"The {label} of {account.email} cannot be decrypted with the configured keys. "
+            'If GMAIL_SMTP["ENCRYPTION_KEYS"] or SECRET_KEY changed, add the old key after the '
+            "new one; otherwise enter the secret again in the admin."
+        )
+    return value or ""
+
+
+@sensitive_variables("password")
+def credentials_for(
+    account: GmailAccount, *, force_refresh: bool = False, rejected_token: str | None = None
+) -> SMTPCredentials:
+    """The login for ``account``, refreshing its OAuth access token first when needed.
+
+    ``force_refresh`` refreshes even an unexpired token (after Gmail rejected it);
+    ``rejected_token`` is the token Gmail refused, so a token another process has already
+    replaced is used instead of refreshing again.
+    """
+    method = account.auth_method
+    if method == GmailAccount.AuthMethod.APP_PASSWORD:
+        password = normalize_app_password(_secret(account, "app_password", "App Password"))
+        if not password:
+            raise GmailConfigurationError(
+                f"The account {account.email} has no App Password. Create one at "
+                "https://myaccount.google.com/apppasswords and save it on the account."
+            )
+        return SMTPCredentials(account.email, "PASSWORD", password)
+    if method in (GmailAccount.AuthMethod.OAUTH2, GmailAccount.AuthMethod.SERVICE_ACCOUNT):
+        return _oauth_credentials(account, force_refresh=force_refresh, rejected=rejected_token)
+    raise GmailConfigurationError(
+        f"The account {account.email} has an unknown auth_method {method!r}; "
+        "use app_password, oauth2 or service_account."
+    )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if timezone.is_naive(value):
+        value = value.replace(tzinfo=dt_timezone.utc)
+    return value if settings.USE_TZ else timezone.make_naive(value, dt_timezone.utc)
+
+
+def _token_valid(account: GmailAccount) -> bool:
+    if not account.access_token or isinstance(account.access_token, UnreadableSecret):
+        return False
+    if account.token_expiry is None:
+        return False
+    margin = timedelta(seconds=int(get_setting("TOKEN_REFRESH_MARGIN")))
+    expiry = _aware(account.token_expiry)
+    now = timezone.now()
+    return expiry is not None and expiry > now + margin
+
+
+@sensitive_variables("token")
+def _oauth_credentials(
+    account: GmailAccount, *, force_refresh: bool, rejected: str | None
+) -> SMTPCredentials:
+    if not force_refresh and _token_valid(account):
+        token = account.access_token
+        return SMTPCredentials(account.email, "XOAUTH2", token, _aware(account.token_expiry))
+    try:
+        if account.pk is None:
+            _refresh(account)
+        else:
+            with transaction.atomic():
+                locked = GmailAccount.objects.select_for_update().get(pk=account.pk)
+                replaced = locked.access_token and locked.access_token != (
+                    rejected or account.access_token
+                )
+                if not (_token_valid(locked) and (not force_refresh or replaced)):
+                    _refresh(locked)
+                # else: another process refreshed it meanwhile
+                for field in ("access_token", "token_expiry", "refresh_token", "health"):
+                    setattr(account, field, getattr(locked, field))
+    except (ConsentRequired, OAuthClientError) as exc:
+        # Recorded after the row lock's transaction, which the error rolled back.
+        account.mark_health(exc.health, exc.detail)
+        raise
+    token = account.access_token
+    return SMTPCredentials(account.email, "XOAUTH2", token, _aware(account.token_expiry))
+
+
+def parse_service_account_key(raw: str) -> dict[str, Any]:
+    """Parse and check a service account JSON key; ``ValueError`` says what is wrong."""
+    try:
+        info = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(
+            "The service account key is not valid JSON. Paste the whole key file downloaded "
+            "from Google Cloud (IAM > Service accounts > Keys)."
+        ) from None
+    missing = [k for k in ("client_email", "private_key", "token_uri") if not info.get(k)]
+    if info.get("type") != "service_account" or missing:
+        raise ValueError(
+            "This is not a service account key file"
+            + (f" (missing {', '.join(missing)})" if missing else "")
+            + ". Download a JSON key for the service account from Google Cloud."
+        )
+    return info
+
+
+def _token_uri() -> str:
+    return str(get_setting("TOKEN_URI"))
+
+
+@sensitive_variables("client_secret", "refresh_token", "info", "creds")
+def _refresh(account: GmailAccount) -> None:
+    """Get a new access token from Google and store it (and a rotated refresh token)."""
+    import google.auth.exceptions
+    from google.auth.transport.requests import Request
+
+    if account.auth_method == GmailAccount.AuthMethod.SERVICE_ACCOUNT:
+        from google.oauth2 import service_account
+
+        try:
+            info = parse_service_account_key(
+                _secret(account, "service_account_key", "service account key")
+            )
+        except ValueError as exc:
+            raise GmailConfigurationError(f"{account.email}: {exc}") from None
+        if _token_uri() != GOOGLE_TOKEN_URI:
+            info = {**info, "token_uri": _token_uri()}
+        creds = service_account.Credentials.from_service_account_info(
+            info, scopes=[GMAIL_SCOPE], subject=account.email
+        )
+    else:
+        from google.oauth2.credentials import Credentials
+
+        refresh_token = _secret(account, "refresh_token", "OAuth refresh token")
+        client_id = account.client_id or get_setting("CLIENT_ID")
+        client_secret = _secret(account, "client_secret", "OAuth client secret") or get_setting(
+            "CLIENT_SECRET"
+        )
+        if not refresh_token:
+            raise ConsentRequired(
+                f"The account {account.email} has no OAuth refresh token yet",
+                account=account.email,
+                phase="token",
+            )
+        if not client_id or not client_secret:
+            raise GmailConfigurationError(
+                f"The account {account.email} uses OAuth2 but has no client id/secret, and "
+                'GMAIL_SMTP["CLIENT_ID"]/["CLIENT_SECRET"] are not set. Copy them from the '
+                "Google Cloud console (APIs & Services > Credentials)."
+            )
+        creds = Credentials(
+            token=None,
+            refresh_token=refresh_token,
+            token_uri=_token_uri(),
+            client_id=client_id,
+            client_secret=client_secret,
+            scopes=[GMAIL_SCOPE],
+        )
+    timeout = float(get_setting("TIMEOUT"))
+    try:
+        creds.refresh(_TimeoutRequest(Request(), timeout))
+    except google.auth.exceptions.RefreshError as exc:
+        _raise_refresh_error(account, exc)
+    except google.auth.exceptions.TransportError as exc:
+        raise TokenRefreshError(
+            f"Could not reach Google's token endpoint to refresh {account.email}'s access token "
+            f"({type(exc).__name__})",
+            account=account.email,
+            phase="token",
+        ) from None
+
+    account.access_token = creds.token
+    account.token_expiry = _aware(creds.expiry)
+    update_fields = ["access_token", "token_expiry", "health", "health_detail"]
+    new_refresh = getattr(creds, "refresh_token", None)
+    if new_refresh and new_refresh != account.refresh_token:
+        account.refresh_token = new_refresh
+        update_fields.append("refresh_token")
+    if account.health == GmailAccount.Health.NEEDS_CONSENT:
+        account.health, account.health_detail = GmailAccount.Health.UNKNOWN, ""
+    if account.pk and not account.from_settings:
+        account.save(update_fields=update_fields)
+    logger.info("Refreshed the OAuth access token of %s", account.email)
+
+
+class _TimeoutRequest:
+    """google-auth's Request with our TIMEOUT instead of its 120 s default."""
+
+    def __init__(self, request: Any, timeout: float) -> None:
+        self._request, self._timeout = request, timeout
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self._timeout)
+        return self._request(*args, **kwargs)
+
+
+def _raise_refresh_error(account: GmailAccount, exc: Exception) -> None:
+    data = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
+    error = str(data.get("error") or "")
+    text = str(exc.args[0]) if exc.args else ""
+    if not error:
+        error = "invalid_grant" if "invalid_grant" in text else error
+    description = str(data.get("error_description") or "")
+    if error == "invalid_grant":
+        raise ConsentRequired(
+            f"{account.email} must be connected with Google again ({description or error})",
+            account=account.email,
+            phase="token",
+        ) from None
+    if error in ("invalid_client", "unauthorized_client"):
+        hint = None
+        if account.auth_method == GmailAccount.AuthMethod.SERVICE_ACCOUNT:
+            hint = (
+                "Google refused the service account for this user. In the Workspace admin "
+                "console (Security > API controls > Domain-wide delegation), authorise the "
+                "service account's client id for the scope https://mail.google.com/, and check "
+                "that the address is a user of that domain."
+            )
+        raise OAuthClientError(
+            f"Google's token endpoint refused the credentials of {account.email} ({error})",
+            account=account.email,
+            phase="token",
+            hint=hint,
+        ) from None
+    raise TokenRefreshError(
+        f"Google's token endpoint refused to refresh {account.email}'s token "
+        f"({error or 'no error code'}: {description})",
+        account=account.email,
+        phase="token",
+    ) from None
+
+
+def default_account() -> GmailAccount:
+    """The default sender: the account flagged default, else the only active one, else settings."""
+    accounts = list(GmailAccount.objects.active().order_by("-is_default", "pk")[:2])
+    if accounts and (accounts[0].is_default or len(accounts) == 1):
+        return accounts[0]
+    fallback = settings_account()
+    if fallback is not None and not accounts:
+        return fallback
+    if accounts:
+        raise NoSenderAccount(
+            "Several active Gmail accounts exist but none is marked as the default. Tick "
+            "'default account' on one of them in the admin."
+        )
+    raise NoSenderAccount(
+        "There is no active Gmail account to send from, and EMAIL_HOST_USER / "
+        "EMAIL_HOST_PASSWORD are not set. Add an account in the admin (Gmail SMTP > Gmail "
+        "accounts) or set EMAIL_HOST_USER and EMAIL_HOST_PASSWORD (an App Password)."
+    )

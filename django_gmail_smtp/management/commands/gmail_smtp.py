@@ -1,0 +1,222 @@
+"""``manage.py gmail_smtp <subcommand>``: check accounts, send a test message, and more."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import EmailMessage
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_gmail_smtp.conf import connection_settings, get_setting
+from django_gmail_smtp.exceptions import GmailSMTPError
+from django_gmail_smtp.models import GmailAccount, normalize_address
+
+
+class Command(BaseCommand):
+    help = (
+        "Work with the Gmail sender accounts: `check` connects and logs in to report what "
+        "works and what to fix; `send-test TO` sends one test message; `quota` shows each "
+        "account's use of its 24-hour limits; `rotate-keys` re-encrypts secrets. Run "
+        "`manage.py gmail_smtp SUBCOMMAND --help` for each subcommand's options."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+        kw: dict[str, Any] = {"formatter_class": argparse.RawDescriptionHelpFormatter}
+
+        check = sub.add_parser(
+            "check",
+            help="connect to Gmail, log in, and report what works and what to fix",
+            description="For each active account (or the one given): open a verified TLS "
+            "connection, authenticate (refreshing an OAuth token if needed), and report the "
+            "result in plain words. Nothing is sent. Exits 1 if any account fails.",
+            **kw,
+        )
+        check.add_argument("--account", metavar="EMAIL", help="check only this account")
+
+        test = sub.add_parser(
+            "send-test",
+            help="send one test message",
+            description="Send one short test message to TO through the configured backend's "
+            "transport, from the default account (or --account), and print Gmail's reply.",
+            **kw,
+        )
+        test.add_argument("to", metavar="TO", help="recipient address")
+        test.add_argument("--account", metavar="EMAIL", help="send from this account")
+        test.add_argument("--subject", default="Test message from django-gmail-smtp")
+
+        quota = sub.add_parser(
+            "quota",
+            help="show each account's use of its rolling 24-hour limits",
+            description="For every account (or the one given): messages and recipients used "
+            "in the last 24 hours against its limits, the share kept for transactional mail, "
+            "whether Gmail has blocked it, and when the next slot frees.",
+            **kw,
+        )
+        quota.add_argument("--account", metavar="EMAIL", help="show only this account")
+
+        sub.add_parser(
+            "rotate-keys",
+            help="re-encrypt every stored secret with the newest key",
+            description='After putting a new key first in GMAIL_SMTP["ENCRYPTION_KEYS"] (old '
+            "keys after it), re-encrypt every account's secrets with the new key. Then the old "
+            "keys can be removed from the setting.",
+            **kw,
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        handler = getattr(self, "handle_" + options["subcommand"].replace("-", "_"))
+        handler(**options)
+
+    # --- check -----------------------------------------------------------------------------------
+    def _accounts(self, address: str | None) -> list[GmailAccount]:
+        from django_gmail_smtp.credentials import settings_account
+
+        accounts = list(GmailAccount.objects.active().order_by("-is_default", "email"))
+        if not accounts and (fallback := settings_account()) is not None:
+            accounts = [fallback]
+        if address:
+            accounts = [a for a in accounts if a.email == normalize_address(address)]
+            if not accounts:
+                raise CommandError(
+                    f"No active account {address}. `manage.py gmail_smtp check` lists them all."
+                )
+        if not accounts:
+            raise CommandError(
+                "No active Gmail account, and EMAIL_HOST_USER / EMAIL_HOST_PASSWORD are not set. "
+                "Add an account in the admin (Gmail SMTP > Gmail accounts) first."
+            )
+        return accounts
+
+    def handle_check(self, account: str | None = None, **options: Any) -> None:
+        from django_gmail_smtp.transport import GmailConnection
+
+        try:
+            host, port, security = connection_settings()
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(f"Server: {host}:{port} ({security}), timeout {get_setting('TIMEOUT')} s")
+        failures = 0
+        for acct in self._accounts(account):
+            label = f"{acct.email} ({acct.get_auth_method_display()}"
+            label += ", from EMAIL_HOST_USER)" if acct.from_settings else ")"
+            connection = GmailConnection(acct)
+            try:
+                connection.open()
+            except (GmailSMTPError, ImproperlyConfigured) as exc:
+                failures += 1
+                self.stdout.write(self.style.ERROR(f"FAIL  {label}: {exc}"))
+            else:
+                aliases = ", ".join(acct.aliases()) or "none"
+                self.stdout.write(
+                    self.style.SUCCESS(f"OK    {label}: TLS verified, logged in")
+                    + f"; send-as aliases: {aliases}"
+                )
+            finally:
+                connection.close()
+        if failures:
+            raise CommandError(f"{failures} account(s) cannot send; see above for what to fix.")
+
+    # --- quota -----------------------------------------------------------------------------------
+    def handle_quota(self, account: str | None = None, **options: Any) -> None:
+        from django.utils import timezone
+
+        accounts = self._accounts(account)
+        rows = [("ACCOUNT", "LIMITS", "MESSAGES", "RECIPIENTS", "BULK MAX", "STATE", "NEXT SLOT")]
+        for acct in accounts:
+            status = acct.quota_status()
+            recipients = f"{status.recipients_used}" + (
+                f"/{status.recipients_limit}" if status.recipients_limit else " (no limit)"
+            )
+            if status.exhausted_until:
+                state = f"blocked until {_when(status.exhausted_until)}"
+            elif not acct.is_active:
+                state = "paused"
+            else:
+                state = "ok"
+            rows.append(
+                (
+                    acct.email,
+                    acct.get_limits_preset_display().split(":")[0],
+                    f"{status.messages_used}/{status.messages_limit}",
+                    recipients,
+                    str(status.bulk_messages_limit),
+                    state,
+                    _when(status.next_slot_at) if status.next_slot_at else "-",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for index, row in enumerate(rows):
+            line = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
+            self.stdout.write(self.style.MIGRATE_HEADING(line) if index == 0 else line)
+        self.stdout.write(f"Rolling 24-hour window ending {_when(timezone.now())}.")
+
+    # --- rotate-keys -----------------------------------------------------------------------------
+    def handle_rotate_keys(self, **options: Any) -> None:
+        from django.db import connection, transaction
+
+        from django_gmail_smtp.crypto import EncryptedTextField, decrypt, is_current
+
+        fields = [f for f in GmailAccount._meta.fields if isinstance(f, EncryptedTextField)]
+        table = connection.ops.quote_name(GmailAccount._meta.db_table)
+        columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+        rotated = unreadable = 0
+        with transaction.atomic(), connection.cursor() as cursor:
+            # Raw values: the ORM would hand back decrypted text.
+            cursor.execute(f"SELECT id, email, {columns} FROM {table}")  # noqa: S608
+            for pk, email, *raw in cursor.fetchall():
+                updates = {}
+                for field, value in zip(fields, raw):
+                    if not value or is_current(value):
+                        continue
+                    try:
+                        updates[field.attname] = decrypt(value)
+                    except ImproperlyConfigured:
+                        unreadable += 1
+                        self.stderr.write(
+                            f"{email}: the {field.verbose_name} cannot be decrypted with any "
+                            "configured key; enter it again in the admin."
+                        )
+                if updates:
+                    GmailAccount.objects.filter(pk=pk).update(**updates)
+                    rotated += 1
+        self.stdout.write(self.style.SUCCESS(f"Re-encrypted the secrets of {rotated} account(s)."))
+        if unreadable:
+            raise CommandError(f"{unreadable} secret(s) could not be decrypted; see above.")
+
+    # --- send-test -----------------------------------------------------------------------------
+    def handle_send_test(
+        self, to: str, account: str | None = None, subject: str = "", **options: Any
+    ) -> None:
+        from django_gmail_smtp.backends import GmailSMTPBackend
+
+        sender = self._accounts(account)[0]
+        message = EmailMessage(
+            subject=subject,
+            body=(
+                "This is a test message sent by `manage.py gmail_smtp send-test`.\n"
+                f"Account: {sender.email}\n"
+            ),
+            from_email=sender.email,
+            to=[to],
+        )
+        backend = GmailSMTPBackend(account=None if sender.from_settings else sender.email)
+        try:
+            backend.send_messages([message])
+        except (GmailSMTPError, ImproperlyConfigured) as exc:
+            raise CommandError(f"Not sent: {exc}") from None
+        status = getattr(message, "gmail_status", {})
+        self.stdout.write(
+            self.style.SUCCESS(f"Sent to {to} from {status.get('account', sender.email)}.")
+            + f" Gmail replied: {status.get('reply', '')}"
+        )
+        for recipient, (code, text) in (status.get("refused") or {}).items():
+            self.stdout.write(self.style.WARNING(f"Refused {recipient}: {code} {text}"))
+
+
+def _when(moment: Any) -> str:
+    from django.utils import timezone
+
+    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M %Z")

@@ -1,0 +1,423 @@
+"""Sender accounts (with encrypted credentials and health) and the outbox."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from .crypto import EncryptedTextField
+
+APP_PASSWORD_LENGTH = 16
+
+
+def normalize_app_password(value: str) -> str:
+    """Google shows App Passwords as four groups of four; the spaces are not part of it."""
+    return "".join((value or "").split())
+
+
+def normalize_address(value: str) -> str:
+    return (value or "").strip().lower()
+
+
+class LimitsPreset(models.TextChoices):
+    GMAIL = "gmail", _("Gmail (consumer): 500 messages a day")
+    WORKSPACE = "workspace", _("Google Workspace: 2,000 messages / 10,000 recipients a day")
+    WORKSPACE_TRIAL = "workspace_trial", _("Google Workspace trial: 500 messages a day")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """An account's sending limits over a rolling 24 hours (``None``: no limit of that kind)."""
+
+    messages: int
+    recipients: int | None
+    per_message: int
+
+
+#: Gmail's published limits (they can change; every number is overridable per account)
+PRESETS: dict[str, Limits] = {
+    LimitsPreset.GMAIL: Limits(messages=500, recipients=None, per_message=100),
+    LimitsPreset.WORKSPACE: Limits(messages=2000, recipients=10000, per_message=100),
+    LimitsPreset.WORKSPACE_TRIAL: Limits(messages=500, recipients=None, per_message=100),
+}
+
+
+class GmailAccountQuerySet(models.QuerySet):
+    def active(self) -> GmailAccountQuerySet:
+        return self.filter(is_active=True)
+
+
+class GmailAccount(models.Model):
+    """A Gmail / Google Workspace mailbox the site may send from."""
+
+    class AuthMethod(models.TextChoices):
+        APP_PASSWORD = "app_password", _("App Password")
+        OAUTH2 = "oauth2", _("OAuth2 (XOAUTH2)")
+        SERVICE_ACCOUNT = "service_account", _("Workspace service account")
+
+    class Health(models.TextChoices):
+        UNKNOWN = "unknown", _("not checked yet")
+        OK = "ok", _("ok")
+        NEEDS_CONSENT = "needs_consent", _("needs consent again")
+        CREDENTIALS_REJECTED = "credentials_rejected", _("credentials rejected")
+
+    email = models.EmailField(_("address"), unique=True)
+    auth_method = models.CharField(
+        _("authentication"),
+        max_length=20,
+        choices=AuthMethod.choices,
+        default=AuthMethod.APP_PASSWORD,
+    )
+    app_password = EncryptedTextField(
+        _("App Password"),
+        blank=True,
+        help_text=_("16 letters from https://myaccount.google.com/apppasswords; spaces ignored."),
+    )
+    client_id = models.CharField(
+        _("OAuth client id"),
+        max_length=255,
+        blank=True,
+        help_text=_('Empty: GMAIL_SMTP["CLIENT_ID"] is used.'),
+    )
+    client_secret = EncryptedTextField(_("OAuth client secret"), blank=True)
+    refresh_token = EncryptedTextField(_("OAuth refresh token"), blank=True)
+    access_token = EncryptedTextField(_("OAuth access token"), blank=True)
+    token_expiry = models.DateTimeField(_("access token expires"), null=True, blank=True)
+    service_account_key = EncryptedTextField(
+        _("service account key (JSON)"),
+        blank=True,
+        help_text=_("The JSON key of a service account with domain-wide delegation."),
+    )
+    send_as_aliases = models.TextField(
+        _("send-as aliases"),
+        blank=True,
+        help_text=_("Verified 'Send mail as' addresses of this account, one per line."),
+    )
+    limits_preset = models.CharField(
+        _("limits"),
+        max_length=20,
+        choices=LimitsPreset.choices,
+        default=LimitsPreset.GMAIL,
+        help_text=_("Gmail's published limits for this kind of account; override any below."),
+    )
+    daily_limit = models.PositiveIntegerField(
+        _("messages per 24 hours"),
+        null=True,
+        blank=True,
+        help_text=_("Empty: the preset's (Gmail 500, Workspace 2,000, Workspace trial 500)."),
+    )
+    daily_recipient_limit = models.PositiveIntegerField(
+        _("recipients per 24 hours"),
+        null=True,
+        blank=True,
+        help_text=_("Empty: the preset's (Workspace 10,000; none published for Gmail)."),
+    )
+    per_message_recipient_limit = models.PositiveIntegerField(
+        _("recipients per message"),
+        null=True,
+        blank=True,
+        help_text=_("Empty: the preset's (100 over SMTP)."),
+    )
+    is_default = models.BooleanField(
+        _("default account"),
+        default=False,
+        help_text=_("Sends mail whose From address no account can send as."),
+    )
+    is_active = models.BooleanField(_("active"), default=True)
+
+    health = models.CharField(
+        _("health"), max_length=32, choices=Health.choices, default=Health.UNKNOWN
+    )
+    health_detail = models.TextField(_("last problem"), blank=True)
+    health_checked_at = models.DateTimeField(_("health checked"), null=True, blank=True)
+    last_sent_at = models.DateTimeField(_("last send"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    objects = GmailAccountQuerySet.as_manager()
+
+    #: True for the account built from EMAIL_HOST_USER / EMAIL_HOST_PASSWORD (never saved)
+    from_settings: bool = False
+
+    class Meta:
+        verbose_name = _("Gmail account")
+        verbose_name_plural = _("Gmail accounts")
+        ordering = ("-is_default", "email")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_default"],
+                condition=Q(is_default=True),
+                name="gmail_smtp_one_default_account",
+            )
+        ]
+        permissions = [
+            ("connect_gmailaccount", "Can connect a Gmail account with Google"),
+            ("send_test_gmailaccount", "Can send test mail from a Gmail account"),
+        ]
+
+    def __str__(self) -> str:
+        return self.email
+
+    def __repr__(self) -> str:
+        return f"<GmailAccount {self.pk} {self.email!r} auth={self.auth_method}>"
+
+    # --- addresses -------------------------------------------------------------------------
+    def aliases(self) -> list[str]:
+        """Send-as aliases, normalized (lower case, no blanks)."""
+        raw = self.send_as_aliases.replace(",", "\n").splitlines()
+        return [a for a in (normalize_address(x) for x in raw) if a]
+
+    def can_send_as(self, address: str) -> bool:
+        address = normalize_address(address)
+        return address == normalize_address(self.email) or address in self.aliases()
+
+    # --- validation ------------------------------------------------------------------------
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        self.email = normalize_address(self.email)
+        self.app_password = normalize_app_password(self.app_password)
+        if self.auth_method == self.AuthMethod.APP_PASSWORD:
+            if not self.app_password:
+                errors["app_password"] = "An App Password account needs its App Password."
+            elif len(self.app_password) != APP_PASSWORD_LENGTH or not self.app_password.isalpha():
+                errors["app_password"] = (
+                    "An App Password is 16 letters (Google shows it as four groups of four). "
+                    "Your account password will not work here."
+                )
+        elif self.auth_method == self.AuthMethod.SERVICE_ACCOUNT:
+            if not self.service_account_key:
+                errors["service_account_key"] = "Paste the service account's JSON key."
+            else:
+                from .credentials import parse_service_account_key
+
+                try:
+                    parse_service_account_key(self.service_account_key)
+                except ValueError as exc:
+                    errors["service_account_key"] = str(exc)
+        for alias in self.aliases():
+            if "@" not in alias:
+                errors["send_as_aliases"] = f"{alias!r} is not an email address."
+        if errors:
+            raise ValidationError(errors)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.from_settings:
+            raise ValueError("The account built from EMAIL_HOST_USER is not stored.")
+        self.email = normalize_address(self.email)
+        self.app_password = normalize_app_password(self.app_password)
+        super().save(*args, **kwargs)
+
+    # --- limits and quota ------------------------------------------------------------------
+    def limits(self) -> Limits:
+        """The effective limits: the preset's, with any number set on the account instead."""
+        preset = PRESETS.get(self.limits_preset, PRESETS[LimitsPreset.GMAIL])
+        return Limits(
+            messages=self.daily_limit or preset.messages,
+            recipients=self.daily_recipient_limit or preset.recipients,
+            per_message=self.per_message_recipient_limit or preset.per_message,
+        )
+
+    def quota_status(self):  # -> quota.QuotaStatus
+        """Used and remaining messages/recipients in the rolling 24 hours, and when slots free."""
+        from .quota import quota_status
+
+        return quota_status(self)
+
+    # --- health ----------------------------------------------------------------------------
+    def mark_health(self, health: str, detail: str = "") -> None:
+        """Record the outcome of the last login (stored at once, without touching other fields)."""
+        self.health = health
+        self.health_detail = detail
+        self.health_checked_at = timezone.now()
+        if self.pk and not self.from_settings:
+            type(self).objects.filter(pk=self.pk).update(
+                health=health, health_detail=detail, health_checked_at=self.health_checked_at
+            )
+            if health == self.Health.OK:
+                self.release_deferred()
+
+    def release_deferred(self) -> int:
+        """Make this account's mail that waited for it to be fixed due now (the sweeper sends it)."""
+        if not self.pk:
+            return 0
+        return OutboundEmail.objects.filter(
+            account=self,
+            status=OutboundEmail.Status.DEFERRED,
+            reason__in=[OutboundEmail.Reason.AUTH, OutboundEmail.Reason.CONFIG],
+        ).update(next_attempt_at=timezone.now())
+
+    @property
+    def is_healthy(self) -> bool:
+        """False while Gmail or Google refuses the credentials (mail waits, deferred)."""
+        return self.health not in (self.Health.NEEDS_CONSENT, self.Health.CREDENTIALS_REJECTED)
+
+    def mark_sent(self, when: datetime | None = None) -> None:
+        self.last_sent_at = when or timezone.now()
+        if self.pk and not self.from_settings:
+            type(self).objects.filter(pk=self.pk).update(last_sent_at=self.last_sent_at)
+
+    @property
+    def has_app_password(self) -> bool:
+        return bool(self.app_password) or getattr(self.app_password, "ciphertext", None) is not None
+
+    @property
+    def has_refresh_token(self) -> bool:
+        return (
+            bool(self.refresh_token) or getattr(self.refresh_token, "ciphertext", None) is not None
+        )
+
+
+class SenderQuota(models.Model):
+    """The quota ledger's head for one sending address: the lock every reservation takes first.
+
+    Keyed by address rather than by account, so the EMAIL_HOST_USER fallback (which has no
+    GmailAccount row) is counted too.
+    """
+
+    address = models.EmailField(_("address"), unique=True)
+    exhausted_until = models.DateTimeField(_("exhausted until"), null=True, blank=True)
+    exhausted_reason = models.TextField(_("why exhausted"), blank=True)
+    version = models.BigIntegerField(default=0, editable=False)
+
+    class Meta:
+        verbose_name = _("sender quota")
+        verbose_name_plural = _("sender quotas")
+
+    def __str__(self) -> str:
+        return self.address
+
+
+class QuotaBucket(models.Model):
+    """Messages and recipients reserved in one minute; the window sums at most 1,440 of them."""
+
+    quota = models.ForeignKey(SenderQuota, on_delete=models.CASCADE, related_name="buckets")
+    minute = models.DateTimeField(_("minute"))
+    messages = models.IntegerField(default=0)
+    recipients = models.IntegerField(default=0)
+
+    class Meta:
+        verbose_name = _("quota bucket")
+        constraints = [
+            models.UniqueConstraint(fields=["quota", "minute"], name="gmail_smtp_bucket_minute")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.quota_id}@{self.minute:%Y-%m-%d %H:%M}"
+
+
+class OutboundEmail(models.Model):
+    """The outbox: one row per message handed to the Celery backend.
+
+    The exact MIME bytes are stored (attachments, alternatives and headers arrive as built),
+    with the envelope, the account chosen at queue time, and everything that happened since.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("queued")
+        SENDING = "sending", _("sending")
+        SENT = "sent", _("sent")
+        DEFERRED = "deferred", _("deferred")
+        FAILED = "failed", _("failed")
+        CANCELLED = "cancelled", _("cancelled")
+
+    class Priority(models.TextChoices):
+        TRANSACTIONAL = "transactional", _("transactional")
+        BULK = "bulk", _("bulk")
+
+    class Reason(models.TextChoices):
+        NONE = "", _("none")
+        RETRY = "retry", _("temporary failure, retrying")
+        QUOTA = "quota", _("waiting for quota")
+        AUTH = "auth", _("waiting for the account to be fixed")
+        CONFIG = "config", _("waiting for the configuration to be fixed")
+        PERMANENT = "permanent", _("refused by Gmail")
+        ATTEMPTS = "attempts", _("too many temporary failures")
+
+    status = models.CharField(
+        _("status"), max_length=10, choices=Status.choices, default=Status.QUEUED
+    )
+    priority = models.CharField(
+        _("priority"), max_length=13, choices=Priority.choices, default=Priority.TRANSACTIONAL
+    )
+    account = models.ForeignKey(
+        GmailAccount,
+        verbose_name=_("account"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="outbound",
+    )
+    account_email = models.EmailField(_("sending address"))
+    from_email = models.CharField(_("envelope sender"), max_length=320)
+    recipients = models.JSONField(_("recipients"), default=list)
+    subject = models.CharField(_("subject"), max_length=998, blank=True)
+    message_id = models.CharField(_("Message-ID"), max_length=998, blank=True, db_index=True)
+    mime = models.BinaryField(_("message"), default=bytes)
+    size = models.PositiveIntegerField(_("size (bytes)"), default=0)
+    from_rewritten = models.BooleanField(_("From rewritten"), default=False)
+
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    next_attempt_at = models.DateTimeField(_("next attempt"), null=True, blank=True)
+    enqueued_at = models.DateTimeField(_("handed to Celery"), null=True, blank=True)
+    lease_expires_at = models.DateTimeField(_("lease expires"), null=True, blank=True)
+    claimed_by = models.CharField(_("worker"), max_length=200, blank=True)
+    reason = models.CharField(
+        _("reason"), max_length=10, choices=Reason.choices, blank=True, default=""
+    )
+    last_error = models.TextField(_("last error"), blank=True)
+    last_code = models.PositiveSmallIntegerField(_("last reply code"), null=True, blank=True)
+    gmail_reply = models.TextField(_("Gmail's reply"), blank=True)
+    refused_recipients = models.JSONField(_("refused recipients"), default=dict, blank=True)
+    sent_at = models.DateTimeField(_("sent"), null=True, blank=True)
+    body_dropped_at = models.DateTimeField(_("body dropped"), null=True, blank=True)
+    created_at = models.DateTimeField(_("queued"), auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("outbound email")
+        verbose_name_plural = _("outbox")
+        ordering = ("-created_at",)
+        indexes = [
+            models.Index(fields=["status", "next_attempt_at"], name="gmail_smtp_outbox_due"),
+            models.Index(fields=["account", "status"], name="gmail_smtp_outbox_account"),
+        ]
+        permissions = [("retry_outboundemail", "Can retry or cancel outbound email")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.subject[:60]!r} -> {len(self.recipients)} recipient(s)"
+
+    def __repr__(self) -> str:
+        return f"<OutboundEmail {self.pk} {self.status} {self.account_email}>"
+
+
+class OutboundAttempt(models.Model):
+    """One try at sending an outbound email, and what Gmail answered."""
+
+    class Outcome(models.TextChoices):
+        SENT = "sent", _("sent")
+        RETRY = "retry", _("will retry")
+        DEFERRED = "deferred", _("deferred")
+        FAILED = "failed", _("failed")
+
+    outbound = models.ForeignKey(OutboundEmail, on_delete=models.CASCADE, related_name="log")
+    at = models.DateTimeField(_("at"), default=timezone.now)
+    account_email = models.EmailField(_("account"))
+    outcome = models.CharField(_("outcome"), max_length=10, choices=Outcome.choices)
+    code = models.PositiveSmallIntegerField(_("reply code"), null=True, blank=True)
+    reply = models.TextField(_("reply / reason"), blank=True)
+    phase = models.CharField(_("phase"), max_length=20, blank=True)
+    worker = models.CharField(_("worker"), max_length=200, blank=True)
+
+    class Meta:
+        verbose_name = _("attempt")
+        ordering = ("at", "pk")
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.outcome} {self.code or ''}"

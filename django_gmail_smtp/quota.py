@@ -1,0 +1,359 @@
+"""Quota: may this account send this many recipients now, across every process?
+
+Gmail counts messages and recipients over a rolling 24 hours. The ledger keeps per-minute
+buckets per sending address (:class:`~django_gmail_smtp.models.QuotaBucket`), so the window is
+at most 1,440 rows whatever the history, and buckets older than the window are pruned.
+
+:func:`reserve` is one transaction: it first writes the address's
+:class:`~django_gmail_smtp.models.SenderQuota` row (a row lock on PostgreSQL, the database
+write lock on SQLite), then sums the window, checks the limits and adds to the current
+minute. Every process and machine therefore sees reservations one at a time. SQLite serialises
+writers of one file, so it is correct on a single machine only; use PostgreSQL across machines.
+
+A share of each account's quota (``RESERVED_SHARE``, default 10%) is kept for transactional
+mail: bulk mail may use only the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Sum
+from django.utils import timezone
+
+from .conf import get_setting
+from .exceptions import QuotaExceeded, TooManyRecipients
+from .models import GmailAccount, Limits, QuotaBucket, SenderQuota, normalize_address
+
+logger = logging.getLogger(__name__)
+
+WINDOW = timedelta(hours=24)
+BUCKET = timedelta(minutes=1)
+#: buckets older than this are deleted (a little more than the window, for late releases)
+KEEP = WINDOW + timedelta(hours=1)
+
+TRANSACTIONAL = "transactional"
+BULK = "bulk"
+PRIORITIES = (TRANSACTIONAL, BULK)
+
+_clock: Callable[[], datetime] | None = None
+
+
+def now() -> datetime:
+    """The quota clock (``timezone.now`` unless a test set another with :func:`set_clock`)."""
+    return (_clock or timezone.now)()
+
+
+def set_clock(clock: Callable[[], datetime] | None) -> None:
+    """Make the quota window use ``clock`` (tests); ``None`` restores the real time."""
+    global _clock
+    _clock = clock
+
+
+def _minute(moment: datetime) -> datetime:
+    return moment.replace(second=0, microsecond=0)
+
+
+def _window_floor(moment: datetime) -> datetime:
+    # A bucket holds sends in [minute, minute + 1 min); it counts until all of them are 24 h old.
+    return moment - WINDOW - BUCKET
+
+
+@dataclass
+class Reservation:
+    """Quota held for one message; :meth:`release` gives it back if Gmail did not accept it."""
+
+    quota_id: int
+    address: str
+    minute: datetime
+    messages: int
+    recipients: int
+    released: bool = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        QuotaBucket.objects.filter(quota_id=self.quota_id, minute=self.minute).update(
+            messages=F("messages") - self.messages, recipients=F("recipients") - self.recipients
+        )
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    """An account's quota at one moment (see :meth:`GmailAccount.quota_status`)."""
+
+    address: str
+    messages_used: int
+    messages_limit: int
+    recipients_used: int
+    recipients_limit: int | None
+    per_message_limit: int
+    reserved_share: float
+    bulk_messages_limit: int
+    exhausted_until: datetime | None
+    exhausted_reason: str
+    next_slot_at: datetime | None
+    at: datetime
+
+    @property
+    def messages_remaining(self) -> int:
+        return max(0, self.messages_limit - self.messages_used)
+
+    @property
+    def recipients_remaining(self) -> int | None:
+        if self.recipients_limit is None:
+            return None
+        return max(0, self.recipients_limit - self.recipients_used)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.exhausted_until is not None
+
+
+def reserved_share(options: Mapping[str, Any] | None = None) -> float:
+    share = float(get_setting("RESERVED_SHARE", options))
+    if not 0 <= share < 1:
+        from .exceptions import GmailConfigurationError
+
+        raise GmailConfigurationError(
+            f'GMAIL_SMTP["RESERVED_SHARE"] is {share}; give a fraction from 0 to 0.99 '
+            "(0.1 keeps 10% of each account's quota for transactional mail)."
+        )
+    return share
+
+
+def _caps(limits: Limits, priority: str, share: float) -> tuple[int, int | None]:
+    if priority == BULK:
+        bulk = lambda n: math.floor(n * (1 - share))  # noqa: E731
+        return bulk(limits.messages), (
+            None if limits.recipients is None else bulk(limits.recipients)
+        )
+    return limits.messages, limits.recipients
+
+
+def _lock(address: str) -> tuple[int, datetime | None, str]:
+    """Take the address's ledger lock (creating its row once); return id and exhaustion."""
+    for _attempt in range(2):
+        if SenderQuota.objects.filter(address=address).update(version=F("version") + 1):
+            row = SenderQuota.objects.filter(address=address).values_list(
+                "id", "exhausted_until", "exhausted_reason"
+            )
+            return row.get()
+        try:
+            with transaction.atomic():
+                SenderQuota.objects.create(address=address)
+        except IntegrityError:
+            pass  # another process created it first; lock it on the next turn
+    raise RuntimeError(f"could not lock the quota ledger of {address}")
+
+
+def _used(quota_id: int, at: datetime) -> tuple[int, int]:
+    totals = QuotaBucket.objects.filter(quota_id=quota_id, minute__gt=_window_floor(at)).aggregate(
+        m=Sum("messages"), r=Sum("recipients")
+    )
+    return totals["m"] or 0, totals["r"] or 0
+
+
+def _next_slot(
+    quota_id: int,
+    at: datetime,
+    *,
+    used: tuple[int, int],
+    need: tuple[int, int],
+    caps: tuple[int, int | None],
+) -> datetime | None:
+    """When enough of the window's sends leave it for ``need`` to fit under ``caps``."""
+    used_m, used_r = used
+    need_m, need_r = need
+    cap_m, cap_r = caps
+    if need_m > cap_m or (cap_r is not None and need_r > cap_r):
+        return None
+    buckets = (
+        QuotaBucket.objects.filter(quota_id=quota_id, minute__gt=_window_floor(at))
+        .order_by("minute")
+        .values_list("minute", "messages", "recipients")
+    )
+    for minute, messages, recipients in buckets.iterator():
+        used_m -= messages
+        used_r -= recipients
+        if used_m + need_m <= cap_m and (cap_r is None or used_r + need_r <= cap_r):
+            return minute + WINDOW + BUCKET
+    return at
+
+
+def _address(account: GmailAccount) -> str:
+    return normalize_address(account.email)
+
+
+def reserve(
+    account: GmailAccount,
+    recipients: int,
+    *,
+    priority: str = TRANSACTIONAL,
+    options: Mapping[str, Any] | None = None,
+) -> Reservation:
+    """Atomically check and reserve one message of ``recipients`` recipients for ``account``.
+
+    Raises :class:`QuotaExceeded` (which limit, and when the next slot frees) when it does not
+    fit, and :class:`TooManyRecipients` when the message alone exceeds the per-message limit.
+    """
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {PRIORITIES}, not {priority!r}")
+    limits = account.limits()
+    address = _address(account)
+    if recipients > limits.per_message:
+        raise TooManyRecipients(
+            f"The message has {recipients} recipients; {address} may send at most "
+            f"{limits.per_message} per message, so it was not sent",
+            account=address,
+            phase="quota",
+        )
+    caps = _caps(limits, priority, reserved_share(options))
+    at = now()
+    with transaction.atomic():
+        quota_id, exhausted_until, reason = _lock(address)
+        if exhausted_until is not None and exhausted_until > at:
+            raise QuotaExceeded(
+                f"{address} is blocked by Gmail's sending limit until "
+                f"{_fmt(exhausted_until)} ({reason or 'Gmail answered 550 5.4.5'})",
+                limit="gmail",
+                next_slot_at=exhausted_until,
+                account=address,
+                phase="quota",
+            )
+        used = _used(quota_id, at)
+        over = _over(used, (1, recipients), caps)
+        if over:
+            slot = _next_slot(quota_id, at, used=used, need=(1, recipients), caps=caps)
+            raise QuotaExceeded(
+                _over_text(address, over, used, caps, priority, slot),
+                limit=over,
+                next_slot_at=slot,
+                account=address,
+                phase="quota",
+            )
+        minute = _minute(at)
+        updated = QuotaBucket.objects.filter(quota_id=quota_id, minute=minute).update(
+            messages=F("messages") + 1, recipients=F("recipients") + recipients
+        )
+        if not updated:
+            QuotaBucket.objects.create(
+                quota_id=quota_id, minute=minute, messages=1, recipients=recipients
+            )
+            # A new minute: drop what has left the window (at most a few rows each time).
+            QuotaBucket.objects.filter(quota_id=quota_id, minute__lt=at - KEEP).delete()
+    return Reservation(quota_id, address, minute, 1, recipients)
+
+
+def _over(used: tuple[int, int], need: tuple[int, int], caps: tuple[int, int | None]) -> str:
+    if used[0] + need[0] > caps[0]:
+        return "messages"
+    if caps[1] is not None and used[1] + need[1] > caps[1]:
+        return "recipients"
+    return ""
+
+
+def _fmt(moment: datetime | None) -> str:
+    if moment is None:
+        return "never (the message alone is over the limit)"
+    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _over_text(
+    address: str,
+    limit: str,
+    used: tuple[int, int],
+    caps: tuple[int, int | None],
+    priority: str,
+    slot: datetime | None,
+) -> str:
+    index = 0 if limit == "messages" else 1
+    share = " (bulk mail may not use the share kept for transactional mail)"
+    return (
+        f"{address} has used {used[index]} of the {caps[index]} {limit} it may send in 24 hours"
+        f"{share if priority == BULK else ''}; the next slot frees at {_fmt(slot)}"
+    )
+
+
+def mark_exhausted(account: GmailAccount, reply: str = "") -> datetime:
+    """Gmail answered 550 5.4.5: block the account until its window frees; return until when.
+
+    If the ledger shows the account full, it is blocked until the oldest send leaves the
+    window; if the ledger shows room (mail was sent outside this app), for 24 hours.
+    """
+    address = _address(account)
+    at = now()
+    limits = account.limits()
+    with transaction.atomic():
+        quota_id, current, _reason = _lock(address)
+        used = _used(quota_id, at)
+        if _over(used, (1, 0), (limits.messages, limits.recipients)):
+            until = _next_slot(
+                quota_id, at, used=used, need=(1, 0), caps=(limits.messages, limits.recipients)
+            )
+        else:
+            until = None
+        until = max(until or at + WINDOW, at + BUCKET)
+        if current and current > until:
+            until = current
+        SenderQuota.objects.filter(pk=quota_id).update(
+            exhausted_until=until,
+            exhausted_reason=f"Gmail answered {' '.join(reply.split())[:200]}"
+            if reply
+            else "Gmail answered 550 5.4.5",
+        )
+    logger.warning("Gmail's sending limit reached for %s; paused until %s", address, until)
+    return until
+
+
+def quota_status(account: GmailAccount, options: Mapping[str, Any] | None = None) -> QuotaStatus:
+    """Used and remaining quota of ``account`` now."""
+    address = _address(account)
+    limits = account.limits()
+    share = reserved_share(options)
+    at = now()
+    row = SenderQuota.objects.filter(address=address).values_list(
+        "id", "exhausted_until", "exhausted_reason"
+    )
+    quota_id, exhausted_until, reason = row.first() or (None, None, "")
+    used = _used(quota_id, at) if quota_id else (0, 0)
+    if exhausted_until is not None and exhausted_until <= at:
+        exhausted_until, reason = None, ""
+    caps = (limits.messages, limits.recipients)
+    next_slot = None
+    if quota_id and used[0]:
+        oldest = (
+            QuotaBucket.objects.filter(
+                quota_id=quota_id, minute__gt=_window_floor(at), messages__gt=0
+            )
+            .order_by("minute")
+            .values_list("minute", flat=True)
+            .first()
+        )
+        next_slot = oldest + WINDOW + BUCKET if oldest else None
+    if exhausted_until is None and _over(used, (1, 0), caps) and quota_id:
+        exhausted_until = _next_slot(quota_id, at, used=used, need=(1, 0), caps=caps)
+        reason = "the quota ledger is full"
+    if exhausted_until is not None:
+        next_slot = exhausted_until
+    return QuotaStatus(
+        address=address,
+        messages_used=used[0],
+        messages_limit=limits.messages,
+        recipients_used=used[1],
+        recipients_limit=limits.recipients,
+        per_message_limit=limits.per_message,
+        reserved_share=share,
+        bulk_messages_limit=_caps(limits, BULK, share)[0],
+        exhausted_until=exhausted_until,
+        exhausted_reason=reason,
+        next_slot_at=next_slot,
+        at=at,
+    )

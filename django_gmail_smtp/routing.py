@@ -1,0 +1,233 @@
+"""Routing: which account sends a message, and the envelope it goes out with.
+
+The account is chosen from the message's From header: an active account whose own address or
+send-as alias it is. Otherwise the default account sends it with From set to the account's
+address (what Gmail would do anyway, made explicit) and the original address as Reply-To,
+unless ``STRICT_FROM`` refuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import email.policy
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email.headerregistry import Address, AddressHeader
+from email.utils import formataddr, parseaddr
+from typing import Any
+
+from django.core.mail import EmailMessage
+
+from .conf import get_setting
+from .credentials import default_account, settings_account
+from .exceptions import InvalidMessage, NoSenderAccount, SenderNotAllowed, TooManyRecipients
+from .models import GmailAccount, normalize_address
+
+
+@dataclass(repr=False)
+class Envelope:
+    """One message ready for the transport: who sends it, to whom, and the exact bytes."""
+
+    account: GmailAccount
+    mail_from: str
+    recipients: list[str]
+    data: bytes
+    message_id: str = ""
+    from_rewritten: bool = False
+    original_from: str = ""
+
+    def __repr__(self) -> str:
+        return (
+            f"<Envelope {self.account.email} -> {len(self.recipients)} recipient(s), "
+            f"{len(self.data)} bytes>"
+        )
+
+
+def _key(account: GmailAccount) -> Any:
+    """A stable identity for an account, saved or not (the EMAIL_HOST_USER fallback)."""
+    return account.pk or ("settings", account.email)
+
+
+def header_from(message: EmailMessage) -> str:
+    """The From header Django will write (an explicit extra header wins over from_email)."""
+    headers = {k.lower(): v for k, v in (message.extra_headers or {}).items()}
+    return str(headers.get("from") or message.from_email or "")
+
+
+def _has_header(message: EmailMessage, name: str) -> bool:
+    return any(k.lower() == name.lower() for k in (message.extra_headers or {}))
+
+
+class Router:
+    """Choose accounts by From address. Build one per batch; it caches the account list."""
+
+    def __init__(self, *, account: str | None = None, options: Mapping[str, Any] | None = None):
+        self.forced = normalize_address(account) if account else None
+        self.strict = bool(get_setting("STRICT_FROM", options))
+        self.max_recipients = int(get_setting("MAX_RECIPIENTS_PER_MESSAGE", options))
+        self._accounts: list[GmailAccount] | None = None
+
+    def accounts(self) -> list[GmailAccount]:
+        if self._accounts is None:
+            self._accounts = list(GmailAccount.objects.active().order_by("-is_default", "pk"))
+            if not self._accounts:
+                fallback = settings_account()
+                if fallback is not None:
+                    self._accounts = [fallback]
+        return self._accounts
+
+    def candidates(self, address: str) -> list[GmailAccount]:
+        """Active accounts that may send as ``address``, own address first, then aliases."""
+        address = normalize_address(address)
+        accounts = self.accounts()
+        own = [a for a in accounts if normalize_address(a.email) == address]
+        aliased = [a for a in accounts if a not in own and address in a.aliases()]
+        return own + aliased
+
+    def default(self) -> GmailAccount:
+        accounts = self.accounts()
+        for account in accounts:
+            if account.is_default:
+                return account
+        return default_account()
+
+    def route(self, message: EmailMessage, *, exclude: Iterable[Any] = ()) -> Envelope | None:
+        """Pick the account for ``message`` and build its envelope and bytes.
+
+        ``exclude``: accounts (pks) already tried, for failover; then only another account
+        that can send as the same From is returned, or None when there is none.
+        """
+        from_header = header_from(message)
+        name, address = parseaddr(from_header)
+        if not address or "@" not in address or "\n" in from_header or "\r" in from_header:
+            raise InvalidMessage(
+                f"The From address {from_header!r} is not a valid email address",
+                hint="Set from_email (or DEFAULT_FROM_EMAIL) to an address like "
+                "'Site <noreply@example.com>'; line breaks are not allowed.",
+            )
+        excluded = set(exclude)
+        if self.forced:
+            accounts = [a for a in self.accounts() if normalize_address(a.email) == self.forced]
+            if not accounts:
+                raise NoSenderAccount(
+                    f"No active Gmail account {self.forced} exists (asked for by the backend's "
+                    "'account' option). Add it in the admin or fix the option."
+                )
+            if excluded:
+                return None
+            candidates = accounts if accounts[0].can_send_as(address) else []
+            fallback = accounts[0]
+        else:
+            candidates = [a for a in self.candidates(address) if _key(a) not in excluded]
+            fallback = None
+            if excluded and not candidates:
+                return None
+        if candidates:
+            account, rewritten = candidates[0], False
+        elif self.strict:
+            raise SenderNotAllowed(
+                f"No Gmail account here can send as {address} and STRICT_FROM is on, so the "
+                "message was refused"
+            )
+        else:
+            account, rewritten = fallback or self.default(), True
+        return self.build(message, account, rewritten=rewritten, name=name, address=address)
+
+    def build(
+        self,
+        message: EmailMessage,
+        account: GmailAccount,
+        *,
+        rewritten: bool,
+        name: str,
+        address: str,
+    ) -> Envelope:
+        if rewritten:
+            message = _rewrite_from(message, name, account.email, address)
+            mail_from = account.email
+        else:
+            mail_from = address
+        recipients = self._recipients(message)
+        data, message_id = _message_bytes(message)
+        return Envelope(
+            account=account,
+            mail_from=envelope_address(mail_from),
+            recipients=recipients,
+            data=data,
+            message_id=message_id,
+            from_rewritten=rewritten,
+            original_from=address,
+        )
+
+    def _recipients(self, message: EmailMessage) -> list[str]:
+        try:
+            recipients = [envelope_address(addr) for addr in message.recipients()]
+        except ValueError as exc:
+            raise InvalidMessage(f"A recipient address is not valid: {exc}") from None
+        if not recipients:
+            raise InvalidMessage(
+                "The message has no recipients (To, Cc and Bcc are empty), so nothing was sent"
+            )
+        unique = list(dict.fromkeys(recipients))
+        if len(unique) > self.max_recipients:
+            raise TooManyRecipients(
+                f"The message has {len(unique)} recipients; Gmail accepts at most "
+                f"{self.max_recipients} per message, so it was not sent"
+            )
+        return unique
+
+
+def _rewrite_from(message: EmailMessage, name: str, account_address: str, original: str):
+    """A copy of ``message`` with From set to the account and Reply-To set to the original."""
+    clone = copy.copy(message)
+    clone.extra_headers = {
+        k: v for k, v in (message.extra_headers or {}).items() if k.lower() != "from"
+    }
+    clone.from_email = formataddr((name, account_address)) if name else account_address
+    if not message.reply_to and not _has_header(message, "Reply-To"):
+        clone.reply_to = [formataddr((name, original)) if name else original]
+    return clone
+
+
+def _message_bytes(message: EmailMessage) -> tuple[bytes, str]:
+    from django.core.mail import BadHeaderError
+
+    try:
+        if _MESSAGE_TAKES_POLICY:
+            mime = message.message(policy=email.policy.SMTP)
+            data = mime.as_bytes()
+        else:  # Django < 6.0
+            mime = message.message()
+            data = mime.as_bytes(linesep="\r\n")
+    except (BadHeaderError, ValueError) as exc:
+        raise InvalidMessage(
+            f"The message cannot be built: {exc}",
+            hint="Headers (Subject, From, To, ...) must not contain line breaks; "
+            "this is refused to prevent header injection. Nothing was sent.",
+        ) from None
+    message_id = str(mime.get("Message-ID", "") or "")
+    return data, message_id
+
+
+_MESSAGE_TAKES_POLICY = "policy" in inspect.signature(EmailMessage.message).parameters
+
+
+def envelope_address(address: str) -> str:
+    """The addr-spec of ``address`` for MAIL FROM / RCPT TO (IDNA domain; ValueError if bad)."""
+    address = str(address)
+    if "\r" in address or "\n" in address:
+        raise ValueError(f"{address!r} contains a line break")
+    parsed = AddressHeader.value_parser(address)
+    defects = {str(d) for d in parsed.all_defects}
+    if defects:
+        raise ValueError(f"{address!r} is not a valid address ({'; '.join(sorted(defects))})")
+    mailboxes = parsed.all_mailboxes
+    if len(mailboxes) != 1 or not mailboxes[0].domain:
+        raise ValueError(f"{address!r} is not a single address of the form user@example.com")
+    mailbox = mailboxes[0]
+    if not mailbox.domain.isascii():
+        return str(
+            Address(username=mailbox.local_part, domain=mailbox.domain.encode("idna").decode())
+        )
+    return mailbox.addr_spec

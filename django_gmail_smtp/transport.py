@@ -1,0 +1,453 @@
+"""Transport: one verified TLS connection to Gmail, authenticated, sending envelopes.
+
+Every failure leaves here as an exception from :mod:`django_gmail_smtp.exceptions`, already
+classified; nothing else in the app looks at SMTP codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import ssl
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.core.mail.utils import DNS_NAME
+
+from .conf import connection_settings, get_setting
+from .credentials import SMTPCredentials, credentials_for
+from .exceptions import (
+    AuthenticationError,
+    ConnectionFailed,
+    GmailSMTPError,
+    InsecureConnectionError,
+    InvalidAddress,
+    MessageTooLarge,
+    RecipientsRefused,
+    classify_reply,
+)
+from .models import GmailAccount
+from .routing import Envelope
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SendResult:
+    """What Gmail said about one accepted message."""
+
+    reply: str
+    message_id: str = ""
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    @property
+    def queue_id(self) -> str:
+        """Gmail's id from ``250 2.0.0 OK  1700000000 <id> - gsmtp``, if present."""
+        parts = self.reply.split()
+        return parts[-3] if len(parts) >= 5 and parts[-2] == "-" else ""
+
+
+def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """A context that verifies the certificate and host name; ``ca_file`` adds trust anchors."""
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            from .exceptions import GmailConfigurationError
+
+            raise GmailConfigurationError(
+                f'GMAIL_SMTP["CA_FILE"] = {ca_file!r} cannot be loaded ({exc.__class__.__name__}: '
+                f"{exc}). Give the path of a PEM file of CA certificates, or remove the setting "
+                "to use the system's trust store."
+            ) from None
+    return context
+
+
+def ehlo_hostname(options: Mapping[str, Any] | None = None) -> str:
+    return str(get_setting("EHLO_HOSTNAME", options) or DNS_NAME.get_fqdn())
+
+
+class GmailConnection:
+    """An authenticated SMTP session for one account. Not thread-safe; use one per thread."""
+
+    def __init__(self, account: GmailAccount, options: Mapping[str, Any] | None = None) -> None:
+        self.account = account
+        self.host, self.port, self.security = connection_settings(options)
+        self.timeout = float(get_setting("TIMEOUT", options))
+        self.ca_file = get_setting("CA_FILE", options)
+        self.local_hostname = ehlo_hostname(options)
+        self._smtp: smtplib.SMTP | None = None
+        self._credentials: SMTPCredentials | None = None
+        self.logins = 0
+
+    def __repr__(self) -> str:
+        state = "open" if self._smtp else "closed"
+        return f"<GmailConnection {self.account.email} {self.host}:{self.port} {state}>"
+
+    @property
+    def is_open(self) -> bool:
+        return self._smtp is not None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> None:
+        """Connect, secure, and log in. Raises a classified :class:`GmailSMTPError`."""
+        if self._smtp is not None:
+            return
+        context = ssl_context(self.ca_file)
+        with self._guard("connect"):
+            if self.security == "ssl":
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    self.host,
+                    self.port,
+                    local_hostname=self.local_hostname,
+                    timeout=self.timeout,
+                    context=context,
+                )
+            else:
+                smtp = smtplib.SMTP(
+                    self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
+                )
+        self._smtp = smtp
+        try:
+            with self._guard("ehlo"):
+                self._ehlo()
+            if self.security == "starttls":
+                if not smtp.has_extn("starttls"):
+                    raise InsecureConnectionError(
+                        f"{self.host}:{self.port} does not offer STARTTLS, so no credentials were "
+                        "sent (they would have crossed the network in the clear)",
+                        account=self.account.email,
+                        phase="starttls",
+                    )
+                with self._guard("starttls"):
+                    code, reply = smtp.starttls(context=context)
+                    if code != 220:
+                        raise classify_reply(
+                            code, reply, phase="starttls", account=self.account.email
+                        )
+                    self._ehlo()
+            self._authenticate()
+        except BaseException:
+            self._abort()
+            raise
+
+    def close(self) -> None:
+        """Say QUIT and close; never raises."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+
+    def _abort(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            try:
+                smtp.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> GmailConnection:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- steps -------------------------------------------------------------------------------
+    def _ehlo(self) -> None:
+        assert self._smtp is not None
+        code, reply = self._smtp.ehlo()
+        if code != 250:
+            raise classify_reply(code, reply, phase="ehlo", account=self.account.email)
+
+    def _authenticate(self) -> None:
+        smtp = self._smtp
+        assert smtp is not None
+        if not smtp.has_extn("auth"):
+            raise InsecureConnectionError(
+                f"{self.host}:{self.port} does not offer SMTP AUTH, so the account cannot log in",
+                account=self.account.email,
+                phase="auth",
+                hint="Check HOST/PORT: Gmail offers AUTH on 587 after STARTTLS and on 465.",
+            )
+        credentials = credentials_for(self.account)
+        try:
+            self._login(credentials)
+        except AuthenticationError as exc:
+            if credentials.mechanism != "XOAUTH2" or exc.smtp_code != 535:
+                self.account.mark_health(exc.health, str(exc))
+                raise
+            # The token may have been revoked or expired early: refresh once and retry once.
+            logger.info("Gmail rejected the access token of %s; refreshing", self.account.email)
+            credentials = credentials_for(
+                self.account, force_refresh=True, rejected_token=credentials.secret
+            )
+            try:
+                self._login(credentials)
+            except AuthenticationError as exc2:
+                self.account.mark_health(exc2.health, str(exc2))
+                raise
+        self._credentials = credentials
+        self.logins += 1
+        if self.account.health != GmailAccount.Health.OK:
+            self.account.mark_health(GmailAccount.Health.OK)
+
+    def _login(self, credentials: SMTPCredentials) -> None:
+        smtp = self._smtp
+        assert smtp is not None
+        advertised = (smtp.esmtp_features.get("auth") or "").upper().split()
+        with self._guard("auth"):
+            try:
+                if credentials.mechanism == "XOAUTH2":
+                    smtp.auth("XOAUTH2", _xoauth2(credentials), initial_response_ok=True)
+                else:
+                    mechanism = "PLAIN" if "PLAIN" in advertised or not advertised else "LOGIN"
+                    smtp.user, smtp.password = credentials.user, credentials.secret
+                    try:
+                        method = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
+                        smtp.auth(mechanism, method, initial_response_ok=True)
+                    finally:
+                        smtp.password = ""
+            except smtplib.SMTPAuthenticationError as exc:
+                raise classify_reply(
+                    exc.smtp_code, exc.smtp_error, phase="auth", account=self.account.email
+                ) from None
+
+    @property
+    def token_expiring(self) -> bool:
+        """True when the OAuth token this session logged in with is about to expire."""
+        return bool(self._credentials and self._credentials.expires_within(60))
+
+    # --- sending -----------------------------------------------------------------------------
+    def send(self, envelope: Envelope) -> SendResult:
+        """Send one envelope over the open session; raise a classified error on refusal."""
+        if self._smtp is None:
+            self.open()
+        smtp = self._smtp
+        assert smtp is not None
+        account = self.account.email
+        size_limit = int(smtp.esmtp_features.get("size") or 0)
+        if size_limit and len(envelope.data) > size_limit:
+            raise MessageTooLarge(
+                f"The message is {len(envelope.data):,} bytes; the server accepts at most "
+                f"{size_limit:,}, so it was not uploaded",
+                account=account,
+                phase="size",
+            )
+        options = []
+        if size_limit:
+            options.append(f"SIZE={len(envelope.data)}")
+        if smtp.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if not all(a.isascii() for a in [envelope.mail_from, *envelope.recipients]):
+            if not smtp.has_extn("smtputf8"):
+                raise InvalidAddress(
+                    "An address has non-ASCII characters and the server does not offer SMTPUTF8",
+                    account=account,
+                    phase="mail",
+                )
+            options.append("SMTPUTF8")
+
+        with self._guard("mail"):
+            code, reply = smtp.mail(envelope.mail_from, options)
+            if code != 250:
+                self._reset()
+                raise classify_reply(code, reply, phase="mail", account=account)
+        refused: dict[str, tuple[int, str]] = {}
+        with self._guard("rcpt"):
+            for recipient in envelope.recipients:
+                code, reply = smtp.rcpt(recipient)
+                if code not in (250, 251):
+                    refused[recipient] = (code, reply.decode("utf-8", "replace"))
+                    if code == 421:
+                        break
+        if len(refused) == len(envelope.recipients) or any(c == 421 for c, _ in refused.values()):
+            self._reset()
+            raise self._all_refused(refused)
+        with self._guard("data"):
+            try:
+                code, reply = smtp.data(envelope.data)
+            except smtplib.SMTPDataError as exc:
+                self._reset()
+                raise classify_reply(
+                    exc.smtp_code, exc.smtp_error, phase="data", account=account
+                ) from None
+            if code != 250:
+                self._reset()
+                raise classify_reply(code, reply, phase="after_data", account=account)
+        result = SendResult(
+            reply=reply.decode("utf-8", "replace"),
+            message_id=envelope.message_id,
+            refused=refused,
+        )
+        if refused:
+            logger.warning(
+                "Gmail refused %d of %d recipients of %s",
+                len(refused),
+                len(envelope.recipients),
+                envelope.message_id or "a message",
+            )
+        return result
+
+    def _all_refused(self, refused: dict[str, tuple[int, str]]) -> GmailSMTPError:
+        code, reply = next(iter(refused.values()))
+        first = classify_reply(code, reply, phase="rcpt", account=self.account.email)
+        if isinstance(first, InvalidAddress) or type(first).__name__ == "PermanentError":
+            listed = ", ".join(f"{r} ({c})" for r, (c, _t) in refused.items())
+            return RecipientsRefused(
+                f"Gmail refused every recipient: {listed}",
+                code=code,
+                reply=reply,
+                account=self.account.email,
+                phase="rcpt",
+                recipients=refused,
+            )
+        first.recipients = refused
+        return first
+
+    def _reset(self) -> None:
+        if self._smtp is None:
+            return
+        try:
+            self._smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            self._abort()
+
+    def noop(self) -> bool:
+        """True if the session still answers (used before reusing a pooled connection)."""
+        if self._smtp is None:
+            return False
+        try:
+            return self._smtp.noop()[0] == 250
+        except (smtplib.SMTPException, OSError):
+            self._abort()
+            return False
+
+    @contextmanager
+    def _guard(self, phase: str) -> Iterator[None]:
+        """Turn socket, TLS and smtplib errors into classified errors; drop a dead session."""
+        account = self.account.email
+        try:
+            yield
+        except GmailSMTPError as exc:
+            if exc.smtp_code == 421 or isinstance(exc, ConnectionFailed):
+                self._abort()
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            self._abort()
+            raise InsecureConnectionError(
+                f"The certificate of {self.host}:{self.port} could not be verified "
+                f"({exc.verify_message}), so no credentials were sent",
+                account=account,
+                phase=phase,
+            ) from None
+        except ssl.SSLError as exc:
+            self._abort()
+            raise InsecureConnectionError(
+                f"TLS with {self.host}:{self.port} failed ({exc.reason or exc})",
+                account=account,
+                phase=phase,
+            ) from None
+        except smtplib.SMTPServerDisconnected:
+            self._abort()
+            raise ConnectionFailed(
+                f"Gmail closed the connection during {phase}", account=account, phase=phase
+            ) from None
+        except smtplib.SMTPConnectError as exc:
+            self._abort()
+            raise classify_reply(exc.smtp_code, exc.smtp_error, phase=phase, account=account)
+        except smtplib.SMTPResponseException as exc:
+            if exc.smtp_code == 421:
+                self._abort()
+            raise classify_reply(exc.smtp_code, exc.smtp_error, phase=phase, account=account)
+        except TimeoutError:
+            self._abort()
+            raise ConnectionFailed(
+                f"{self.host}:{self.port} did not answer within {self.timeout:g} s during {phase}",
+                account=account,
+                phase=phase,
+            ) from None
+        except OSError as exc:
+            self._abort()
+            raise ConnectionFailed(
+                f"Could not talk to {self.host}:{self.port} during {phase} "
+                f"({exc.__class__.__name__}: {exc.strerror or exc})",
+                account=account,
+                phase=phase,
+            ) from None
+
+
+class ConnectionPool:
+    """Authenticated connections kept open per account between sends, for one thread.
+
+    A Celery worker process keeps one pool, so a burst of N messages from one account costs one
+    TLS handshake and one login, not N (and avoids Gmail's 454 "too many login attempts").
+    A pooled connection is reopened before its OAuth token expires, after a 421 or a dropped
+    connection, and when a NOOP shows an idle one has died.
+    """
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.options = options
+        self.idle_check = float(get_setting("POOL_IDLE_CHECK", options))
+        self._connections: dict[Any, GmailConnection] = {}
+        self._last_used: dict[Any, float] = {}
+        self.logins = 0
+
+    def __repr__(self) -> str:
+        return f"<ConnectionPool {len(self._connections)} connection(s)>"
+
+    def _key(self, account: GmailAccount) -> Any:
+        return account.pk or ("settings", account.email)
+
+    def connection(self, account: GmailAccount) -> GmailConnection:
+        """An open, authenticated connection for ``account`` (reused when still good)."""
+        key = self._key(account)
+        connection = self._connections.get(key)
+        if connection is not None:
+            idle = time.monotonic() - self._last_used.get(key, 0.0)
+            if connection.token_expiring or (
+                connection.is_open and idle > self.idle_check and not connection.noop()
+            ):
+                connection.close()
+            connection.account = account
+        else:
+            connection = self._connections[key] = GmailConnection(account, self.options)
+        if not connection.is_open:
+            connection.open()
+            self.logins += 1
+        return connection
+
+    def send(self, envelope: Envelope) -> SendResult:
+        """Send over the account's pooled connection, opening one if needed."""
+        connection = self.connection(envelope.account)
+        try:
+            return connection.send(envelope)
+        finally:
+            self._last_used[self._key(envelope.account)] = time.monotonic()
+
+    def close(self) -> None:
+        """QUIT every connection; never raises."""
+        connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            connection.close()
+
+
+def _xoauth2(credentials: SMTPCredentials) -> Any:
+    """The smtplib auth object for XOAUTH2: the initial response, then an empty line on 334."""
+    initial = f"user={credentials.user}\x01auth=Bearer {credentials.secret}\x01\x01"
+
+    def respond(challenge: bytes | None = None) -> str:
+        # Gmail answers a bad token with 334 <base64 JSON>; the client must send an empty line.
+        return initial if challenge is None else ""
+
+    return respond
+
+
+__all__ = ["ConnectionPool", "GmailConnection", "SendResult", "ssl_context"]

@@ -1,0 +1,109 @@
+"""Start real processes (senders, Celery workers) that share the test database and sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_env(**gmail_smtp: object) -> dict[str, str]:
+    """Environment for a child process: the test database and the current GMAIL_SMTP."""
+    db = dict(connection.settings_dict)
+    db["NAME"] = connection.settings_dict["NAME"]
+    env = dict(os.environ)
+    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["GMAIL_SMTP_TEST_DB"] = json.dumps(db, default=str)
+    env["GMAIL_SMTP_TEST_SETTINGS"] = json.dumps({**settings.GMAIL_SMTP, **gmail_smtp})
+    return env
+
+
+class CeleryWorker:
+    """A real ``celery worker`` process on the test broker, database and sandbox."""
+
+    def __init__(
+        self,
+        *,
+        queues: str = "gmail_smtp.transactional,gmail_smtp.bulk",
+        concurrency: int = 1,
+        name: str = "w1",
+        beat: bool = False,
+        log_path: Path,
+        **gmail_smtp: object,
+    ) -> None:
+        self.log_path = log_path
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.celery_app",
+            "worker",
+            "-Q",
+            queues,
+            "-n",
+            f"{name}@%h",
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            "prefork",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--prefetch-multiplier",
+            "1",
+        ]
+        if beat:
+            args.append("--beat")
+        self._log = open(log_path, "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=child_env(**gmail_smtp),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> CeleryWorker:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log():
+                return self
+            if self.process.poll() is not None:
+                raise AssertionError(f"the Celery worker exited:\n{self.log()}")
+            time.sleep(0.1)
+        raise AssertionError(f"the Celery worker did not become ready:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and children) at once."""
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()

@@ -1,0 +1,98 @@
+"""Settings for the project's own test suite (pytest-django)."""
+
+import json
+import os
+import tempfile
+
+import environ
+
+env = environ.Env()
+
+SECRET_KEY = "tests-secret-key-not-for-production-0123456789"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ALLOWED_HOSTS = ["*"]
+
+TMP = os.path.join(tempfile.gettempdir(), f"django_gmail_smtp_tests_{os.getuid()}")
+os.makedirs(TMP, exist_ok=True)
+
+DATABASES = {
+    "default": env.db("DATABASE_URL", default="sqlite:///" + os.path.join(TMP, "db.sqlite3"))
+}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A file, not memory, so worker processes started by the tests share the test database.
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(TMP, f"test_db_{os.getpid()}.sqlite3")}
+    DATABASES["default"]["OPTIONS"] = {"timeout": 30}
+if os.environ.get("GMAIL_SMTP_TEST_DB"):
+    # Set by tests for the processes they start: use the test database, not the real one.
+    DATABASES["default"] = json.loads(os.environ["GMAIL_SMTP_TEST_DB"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_gmail_smtp",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+ROOT_URLCONF = "tests.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+EMAIL_BACKEND = "django_gmail_smtp.backends.GmailSMTPBackend"
+DEFAULT_FROM_EMAIL = "site@example.com"
+SERVER_EMAIL = "site@example.com"
+
+# Tests point HOST/PORT/CA_FILE at a sandbox per test (see tests/conftest.py).
+GMAIL_SMTP = {
+    "HOST": "127.0.0.1",
+    "TIMEOUT": 10,
+    "ENCRYPTION_KEYS": ["tests-encryption-key-0123456789abcdef"],
+    "EHLO_HOSTNAME": "tests.example.com",
+}
+
+if os.environ.get("GMAIL_SMTP_TEST_SETTINGS"):
+    GMAIL_SMTP = {**GMAIL_SMTP, **json.loads(os.environ["GMAIL_SMTP_TEST_SETTINGS"])}
+
+# Celery: Redis when REDIS_URL is given (CI), else kombu's filesystem transport (no server).
+REDIS_URL = env("REDIS_URL", default="")
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="") or (
+    REDIS_URL if REDIS_URL else "filesystem://"
+)
+if CELERY_BROKER_URL.startswith("filesystem"):
+    _queue_dir = env("CELERY_FS_DIR", default=os.path.join(TMP, "broker"))
+    os.makedirs(_queue_dir, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": _queue_dir,
+        "data_folder_out": _queue_dir,
+        "polling_interval": 0.05,
+    }
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+LOGGING_CONFIG = None
