@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from django_gmail_smtp.models import GmailAccount
+from tests.celery_app import app as celery_app  # noqa: F401  (the app tasks are sent with)
 
 APP_PASSWORD = "abcdefghijklmnop"
 SENDER = "sender@example.com"

@@ -89,6 +89,7 @@ if CELERY_BROKER_URL.startswith("filesystem"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": _queue_dir,
         "data_folder_out": _queue_dir,
+        "control_folder": os.path.join(_queue_dir, "control"),
         "polling_interval": 0.05,
     }
 CELERY_TASK_IGNORE_RESULT = True

@@ -57,6 +57,42 @@ class Command(BaseCommand):
         )
         quota.add_argument("--account", metavar="EMAIL", help="show only this account")
 
+        for name, verb in (("retry", "retry now"), ("cancel", "cancel")):
+            cmd = sub.add_parser(
+                name,
+                help=f"{verb} outbox messages by id or by filter",
+                description=(
+                    "Make failed, deferred or cancelled messages due now and hand them to Celery."
+                    if name == "retry"
+                    else "Cancel messages not sent yet (queued, deferred or failed)."
+                )
+                + " Give ids, or at least one filter; filters combine.",
+                **kw,
+            )
+            cmd.add_argument("ids", nargs="*", type=int, metavar="ID", help="outbox ids")
+            cmd.add_argument(
+                "--status",
+                action="append",
+                choices=["queued", "deferred", "failed", "cancelled"],
+                help="only messages in this status (repeatable)",
+            )
+            cmd.add_argument("--account", metavar="EMAIL", help="only mail from this account")
+            cmd.add_argument(
+                "--before", metavar="YYYY-MM-DD", help="only messages queued before this date"
+            )
+
+        purge = sub.add_parser(
+            "purge",
+            help="delete old sent mail and drop the bodies of sent mail",
+            description="Delete sent (and cancelled) outbox rows older than "
+            "--delete-sent-after days, and drop the stored message of sent mail older than "
+            "--drop-bodies-after days (the row, its status and attempt log stay). Run it daily, "
+            "e.g. from cron or Celery beat.",
+            **kw,
+        )
+        purge.add_argument("--delete-sent-after", type=int, metavar="DAYS", default=None)
+        purge.add_argument("--drop-bodies-after", type=int, metavar="DAYS", default=None)
+
         sub.add_parser(
             "rotate-keys",
             help="re-encrypt every stored secret with the newest key",
@@ -152,6 +188,60 @@ class Command(BaseCommand):
             line = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
             self.stdout.write(self.style.MIGRATE_HEADING(line) if index == 0 else line)
         self.stdout.write(f"Rolling 24-hour window ending {_when(timezone.now())}.")
+
+    # --- outbox maintenance ----------------------------------------------------------------------
+    def _selection(self, ids: list[int], status: list[str] | None, account: str | None, before):
+        from datetime import datetime
+
+        from django.utils import timezone
+
+        from django_gmail_smtp import outbox
+
+        if not ids and not status and not account and not before:
+            raise CommandError("Give outbox ids or a filter (--status, --account, --before).")
+        when = None
+        if before:
+            try:
+                when = timezone.make_aware(datetime.strptime(before, "%Y-%m-%d"))
+            except ValueError:
+                raise CommandError(f"--before {before!r} is not a date like 2026-01-31.") from None
+        return outbox.select(ids=ids, status=status or (), account=account, before=when)
+
+    def handle_retry(self, ids, status=None, account=None, before=None, **options: Any) -> None:
+        from django_gmail_smtp import outbox
+
+        count = outbox.retry(self._selection(ids, status, account, before))
+        self.stdout.write(self.style.SUCCESS(f"Retried {count} message(s) now."))
+
+    def handle_cancel(self, ids, status=None, account=None, before=None, **options: Any) -> None:
+        from django_gmail_smtp import outbox
+
+        count = outbox.cancel(self._selection(ids, status, account, before))
+        self.stdout.write(self.style.SUCCESS(f"Cancelled {count} message(s)."))
+
+    def handle_purge(
+        self, delete_sent_after: int | None = None, drop_bodies_after: int | None = None, **o: Any
+    ) -> None:
+        from datetime import timedelta
+
+        from django_gmail_smtp import outbox
+
+        if delete_sent_after is None and drop_bodies_after is None:
+            raise CommandError("Give --delete-sent-after DAYS and/or --drop-bodies-after DAYS.")
+        result = outbox.purge(
+            delete_sent_after=None
+            if delete_sent_after is None
+            else timedelta(days=delete_sent_after),
+            drop_bodies_after=None
+            if drop_bodies_after is None
+            else timedelta(days=drop_bodies_after),
+        )
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Deleted {result['deleted']} old row(s); dropped {result['bodies_dropped']} "
+                "message bodies."
+            )
+        )
 
     # --- rotate-keys -----------------------------------------------------------------------------
     def handle_rotate_keys(self, **options: Any) -> None:
