@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "AUTH_URI": GOOGLE_AUTH_URI,
     "CLIENT_ID": "",
     "CLIENT_SECRET": "",
+    "OAUTH_REDIRECT_URI": None,  # Connect with Google's callback; built from the request when unset
     "ENCRYPTION_KEYS": None,  # list of keys, newest first; derived from SECRET_KEY when unset
     "STRICT_FROM": False,
     "MAX_RECIPIENTS_PER_MESSAGE": 100,

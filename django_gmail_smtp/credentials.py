@@ -322,3 +322,128 @@ def default_account() -> GmailAccount:
         "EMAIL_HOST_PASSWORD are not set. Add an account in the admin (Gmail SMTP > Gmail "
         "accounts) or set EMAIL_HOST_USER and EMAIL_HOST_PASSWORD (an App Password)."
     )
+
+
+# --- consent: the OAuth 2.0 authorization-code flow with PKCE ----------------------------------
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """A started consent flow: send the user to ``url``; keep ``state`` and ``verifier``."""
+
+    url: str
+    state: str
+    verifier: str
+    redirect_uri: str
+
+    def __repr__(self) -> str:
+        return f"Authorization(redirect_uri={self.redirect_uri!r}, state=***, verifier=***)"
+
+
+def oauth_client(account: GmailAccount) -> tuple[str, str]:
+    """The OAuth client id and secret of ``account`` (its own, else GMAIL_SMTP's)."""
+    client_id = account.client_id or str(get_setting("CLIENT_ID") or "")
+    secret = _secret(account, "client_secret", "OAuth client secret") or str(
+        get_setting("CLIENT_SECRET") or ""
+    )
+    if not client_id or not secret:
+        raise GmailConfigurationError(
+            f"To connect {account.email} with Google, give an OAuth client id and secret, on "
+            'the account or as GMAIL_SMTP["CLIENT_ID"] / ["CLIENT_SECRET"]. Create a "Web '
+            'application" (or "Desktop app", for the command line) OAuth client in the Google '
+            "Cloud console, APIs & Services > Credentials."
+        )
+    return client_id, secret
+
+
+def start_authorization(account: GmailAccount, redirect_uri: str) -> Authorization:
+    """Build Google's consent URL (offline access, forced consent, PKCE S256, a fresh state)."""
+    import base64
+    import hashlib
+    import secrets
+    from urllib.parse import urlencode
+
+    client_id, _secret_value = oauth_client(account)
+    state = secrets.token_urlsafe(32)
+    verifier = secrets.token_urlsafe(64)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+    params = {
+        "client_id": client_id,
+        "redirect_uri": redirect_uri,
+        "response_type": "code",
+        "scope": GMAIL_SCOPE,
+        "access_type": "offline",
+        "prompt": "consent",
+        "state": state,
+        "code_challenge": challenge.decode().rstrip("="),
+        "code_challenge_method": "S256",
+        "login_hint": account.email,
+    }
+    url = f"{get_setting('AUTH_URI')}?{urlencode(params)}"
+    return Authorization(url=url, state=state, verifier=verifier, redirect_uri=redirect_uri)
+
+
+@sensitive_variables("secret", "payload", "data")
+def finish_authorization(
+    account: GmailAccount, *, code: str, verifier: str, redirect_uri: str
+) -> GmailAccount:
+    """Exchange the authorization code and store the tokens (encrypted) on the account."""
+    import requests
+
+    client_id, secret = oauth_client(account)
+    payload = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "client_id": client_id,
+        "client_secret": secret,
+        "redirect_uri": redirect_uri,
+        "code_verifier": verifier,
+    }
+    try:
+        response = requests.post(_token_uri(), data=payload, timeout=float(get_setting("TIMEOUT")))
+        data = response.json()
+    except (requests.RequestException, ValueError) as exc:
+        raise TokenRefreshError(
+            f"Could not exchange Google's authorization code for {account.email} "
+            f"({type(exc).__name__}); try connecting again",
+            account=account.email,
+            phase="consent",
+        ) from None
+    if response.status_code != 200 or "error" in data:
+        error = str(data.get("error") or response.status_code)
+        description = str(data.get("error_description") or "")
+        raise OAuthClientError(
+            f"Google refused the authorization code for {account.email} ({error}"
+            + (f": {description}" if description else "")
+            + ")",
+            account=account.email,
+            phase="consent",
+            hint="Start 'Connect with Google' again; check that the redirect URI is listed for "
+            "the OAuth client in the Google Cloud console.",
+        )
+    if GMAIL_SCOPE not in str(data.get("scope", GMAIL_SCOPE)).split():
+        raise OAuthClientError(
+            f"Google granted {data.get('scope')!r}, not {GMAIL_SCOPE} (needed for SMTP)",
+            account=account.email,
+            phase="consent",
+            hint="Connect again and leave the 'Read, compose, send' permission ticked.",
+        )
+    refresh = data.get("refresh_token")
+    if not refresh:
+        raise OAuthClientError(
+            f"Google returned no refresh token for {account.email}",
+            account=account.email,
+            phase="consent",
+            hint="Remove this app's access at https://myaccount.google.com/permissions and "
+            "connect again, so Google asks for consent and issues a refresh token.",
+        )
+    account.auth_method = GmailAccount.AuthMethod.OAUTH2
+    account.refresh_token = refresh
+    account.access_token = data.get("access_token", "")
+    expires_in = int(data.get("expires_in") or 0)
+    account.token_expiry = timezone.now() + timedelta(seconds=expires_in) if expires_in else None
+    account.health, account.health_detail = GmailAccount.Health.UNKNOWN, ""
+    account.save()
+    account.release_deferred()  # mail that waited for new credentials is tried again
+    logger.info("Connected %s with Google (OAuth2)", account.email)
+    return account

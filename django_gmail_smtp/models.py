@@ -312,6 +312,22 @@ class QuotaBucket(models.Model):
         return f"{self.quota_id}@{self.minute:%Y-%m-%d %H:%M}"
 
 
+class QuotaDay(models.Model):
+    """Per-day totals of buckets that have left the window (for the 30-day dashboard)."""
+
+    quota = models.ForeignKey(SenderQuota, on_delete=models.CASCADE, related_name="days")
+    day = models.DateField(_("day"))
+    messages = models.IntegerField(default=0)
+    recipients = models.IntegerField(default=0)
+
+    class Meta:
+        verbose_name = _("quota day")
+        constraints = [models.UniqueConstraint(fields=["quota", "day"], name="gmail_smtp_quota_day")]
+
+    def __str__(self) -> str:
+        return f"{self.quota_id}@{self.day}"
+
+
 class OutboundEmail(models.Model):
     """The outbox: one row per message handed to the Celery backend.
 

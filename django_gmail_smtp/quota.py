@@ -2,7 +2,8 @@
 
 Gmail counts messages and recipients over a rolling 24 hours. The ledger keeps per-minute
 buckets per sending address (:class:`~django_gmail_smtp.models.QuotaBucket`), so the window is
-at most 1,440 rows whatever the history, and buckets older than the window are pruned.
+at most 1,440 rows whatever the history; buckets older than the window are rolled up into
+per-day totals (:class:`~django_gmail_smtp.models.QuotaDay`, for the dashboard) and deleted.
 
 :func:`reserve` is one transaction: it first writes the address's
 :class:`~django_gmail_smtp.models.SenderQuota` row (a row lock on PostgreSQL, the database
@@ -25,11 +26,12 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Sum
+from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from .conf import get_setting
 from .exceptions import QuotaExceeded, TooManyRecipients
-from .models import GmailAccount, Limits, QuotaBucket, SenderQuota, normalize_address
+from .models import GmailAccount, Limits, QuotaBucket, QuotaDay, SenderQuota, normalize_address
 
 logger = logging.getLogger(__name__)
 
@@ -247,9 +249,31 @@ def reserve(
             QuotaBucket.objects.create(
                 quota_id=quota_id, minute=minute, messages=1, recipients=recipients
             )
-            # A new minute: drop what has left the window (at most a few rows each time).
-            QuotaBucket.objects.filter(quota_id=quota_id, minute__lt=at - KEEP).delete()
+            # A new minute: roll what has left the window into per-day totals, then drop it.
+            _roll_up(quota_id, at - KEEP)
     return Reservation(quota_id, address, minute, 1, recipients)
+
+
+def _roll_up(quota_id: int, before: datetime) -> None:
+    """Move buckets older than ``before`` into QuotaDay rows (usually one bucket, one day)."""
+    old = QuotaBucket.objects.filter(quota_id=quota_id, minute__lt=before)
+    days = list(
+        old.annotate(day=TruncDate("minute"))
+        .values("day")
+        .annotate(m=Sum("messages"), r=Sum("recipients"))
+        .order_by()
+    )
+    if not days:
+        return
+    for row in days:
+        updated = QuotaDay.objects.filter(quota_id=quota_id, day=row["day"]).update(
+            messages=F("messages") + row["m"], recipients=F("recipients") + row["r"]
+        )
+        if not updated:
+            QuotaDay.objects.create(
+                quota_id=quota_id, day=row["day"], messages=row["m"], recipients=row["r"]
+            )
+    old.delete()
 
 
 def _over(used: tuple[int, int], need: tuple[int, int], caps: tuple[int, int | None]) -> str:

@@ -1,0 +1,203 @@
+"""Numbers and pictures for the admin: sending history per account, charts, message previews.
+
+Charts are server-rendered SVG (no scripts, no external files).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db.models import Count
+from django.utils import timezone
+from django.utils.html import escape, format_html, format_html_join
+from django.utils.safestring import SafeString, mark_safe
+
+from . import quota
+from .models import GmailAccount, OutboundEmail, QuotaBucket, QuotaDay, SenderQuota
+
+
+@dataclass
+class AccountStats:
+    account: GmailAccount
+    status: quota.QuotaStatus
+    hourly: list[tuple[datetime, int, int]]  # (hour, messages, recipients), oldest first
+    daily: list[tuple[datetime, int, int]]  # (day, messages, recipients), oldest first
+    outbox: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def hourly_chart(self) -> SafeString:
+        return bar_chart(
+            [(f"{h:%H}h", m, r) for h, m, r in self.hourly],
+            title=f"Messages and recipients per hour, last 24 hours ({self.account.email})",
+        )
+
+    @property
+    def daily_chart(self) -> SafeString:
+        return bar_chart(
+            [(f"{d:%d %b}", m, r) for d, m, r in self.daily],
+            title=f"Messages and recipients per day, last 30 days ({self.account.email})",
+        )
+
+
+def _hour(moment: datetime) -> datetime:
+    return timezone.localtime(moment).replace(minute=0, second=0, microsecond=0)
+
+
+def account_stats(account: GmailAccount, now: datetime | None = None) -> AccountStats:
+    """Hourly (24 h) and daily (30 days) sends of ``account``, its quota and outbox counts."""
+    now = now or quota.now()
+    status = quota.quota_status(account)
+    quota_row = SenderQuota.objects.filter(address=status.address).first()
+    this_hour = _hour(now)
+    hours = [this_hour - timedelta(hours=23 - i) for i in range(24)]
+    today = timezone.localtime(now).date()
+    days = [today - timedelta(days=29 - i) for i in range(30)]
+    per_hour: Counter = Counter()
+    per_day: Counter = Counter()
+    if quota_row is not None:
+        buckets = QuotaBucket.objects.filter(
+            quota=quota_row, minute__gte=timezone.localtime(now) - timedelta(days=2)
+        ).values_list("minute", "messages", "recipients")
+        for minute, messages, recipients in buckets:
+            hour = _hour(minute)
+            per_hour[(hour, "m")] += messages
+            per_hour[(hour, "r")] += recipients
+            day = timezone.localtime(minute).date()
+            per_day[(day, "m")] += messages
+            per_day[(day, "r")] += recipients
+        for day, messages, recipients in QuotaDay.objects.filter(
+            quota=quota_row, day__gte=days[0]
+        ).values_list("day", "messages", "recipients"):
+            per_day[(day, "m")] += messages
+            per_day[(day, "r")] += recipients
+    since = now - timedelta(days=30)
+    counts = dict(
+        OutboundEmail.objects.filter(account_email=status.address, created_at__gte=since)
+        .values_list("status")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
+    return AccountStats(
+        account=account,
+        status=status,
+        hourly=[(h, per_hour[(h, "m")], per_hour[(h, "r")]) for h in hours],
+        daily=[(d, per_day[(d, "m")], per_day[(d, "r")]) for d in days],
+        outbox={s: counts.get(s, 0) for s in ("sent", "queued", "deferred", "failed")},
+    )
+
+
+def dashboard() -> list[AccountStats]:
+    return [account_stats(a) for a in GmailAccount.objects.order_by("-is_active", "email")]
+
+
+def bar_chart(
+    series: list[tuple[str, int, int]], *, title: str, width: int = 720, height: int = 160
+) -> SafeString:
+    """Paired bars (messages dark, recipients light) with a y-axis maximum and x labels."""
+    n = max(1, len(series))
+    top = max([max(m, r) for _l, m, r in series] + [1])
+    pad_left, pad_bottom, pad_top = 36, 22, 10
+    plot_w, plot_h = width - pad_left - 4, height - pad_bottom - pad_top
+    slot = plot_w / n
+    bar = max(1.0, slot / 2 - 1)
+    parts = [
+        f'<svg class="gms-chart" role="img" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>',
+        f'<text x="{pad_left - 4}" y="{pad_top + 8}" text-anchor="end" class="gms-axis">{top}</text>',
+        f'<text x="{pad_left - 4}" y="{pad_top + plot_h}" text-anchor="end" class="gms-axis">0</text>',
+        f'<line x1="{pad_left}" y1="{pad_top + plot_h}" x2="{width - 4}" y2="{pad_top + plot_h}" '
+        'class="gms-base"/>',
+    ]
+    step = max(1, n // 12)
+    for i, (label, messages, recipients) in enumerate(series):
+        x = pad_left + i * slot
+        for j, (value, css) in enumerate(((messages, "gms-m"), (recipients, "gms-r"))):
+            h = plot_h * value / top
+            parts.append(
+                f'<rect class="{css}" x="{x + j * bar:.1f}" y="{pad_top + plot_h - h:.1f}" '
+                f'width="{bar:.1f}" height="{h:.1f}"><title>{escape(label)}: {value} '
+                f"{'messages' if j == 0 else 'recipients'}</title></rect>"
+            )
+        if i % step == 0:
+            parts.append(
+                f'<text x="{x + slot / 2:.1f}" y="{height - 6}" text-anchor="middle" '
+                f'class="gms-axis">{escape(label)}</text>'
+            )
+    parts.append("</svg>")
+    return mark_safe("".join(parts))  # noqa: S308  (every value above is a number or escaped)
+
+
+# --- message preview -----------------------------------------------------------------------------
+
+PREVIEW_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:"
+
+
+def message_preview(row: OutboundEmail) -> SafeString:
+    """Headers, text, HTML (in a sandboxed frame: no scripts, no remote loads) and attachments."""
+    raw = bytes(row.mime or b"")
+    if not raw:
+        return format_html(
+            "<p>The message body was dropped after the retention period ({}).</p>",
+            row.body_dropped_at or "purged",
+        )
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    headers = format_html_join(
+        "",
+        "<tr><th>{}</th><td>{}</td></tr>",
+        ((name, str(message[name])) for name in _HEADERS if message[name] is not None),
+    )
+    text = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    attachments = [
+        (
+            part.get_filename() or "(no name)",
+            part.get_content_type(),
+            len(part.get_payload(decode=True) or b""),
+            "inline" if part.get_content_disposition() == "inline" else "attachment",
+        )
+        for part in message.walk()
+        if part.get_filename() or part.get_content_disposition() in ("attachment", "inline")
+        if part is not text and part is not html
+    ]
+    blocks = [format_html('<table class="gms-headers">{}</table>', headers)]
+    if html is not None:
+        document = (
+            f'<meta http-equiv="Content-Security-Policy" content="{PREVIEW_CSP}">'
+            + _content(html)
+        )
+        blocks.append(
+            format_html(
+                '<p><strong>HTML</strong> (shown sandboxed: no scripts, no remote images)</p>'
+                '<iframe class="gms-preview" sandbox="" referrerpolicy="no-referrer" '
+                'srcdoc="{}"></iframe>',
+                document,
+            )
+        )
+    if text is not None:
+        blocks.append(
+            format_html('<p><strong>Text</strong></p><pre class="gms-text">{}</pre>', _content(text))
+        )
+    if attachments:
+        rows = format_html_join(
+            "",
+            "<li>{} <span>({}, {} bytes, {})</span></li>",
+            attachments,
+        )
+        blocks.append(format_html("<p><strong>Attachments</strong></p><ul>{}</ul>", rows))
+    return mark_safe("".join(blocks))  # noqa: S308  (each block is built with format_html)
+
+
+_HEADERS = ("From", "Reply-To", "To", "Cc", "Subject", "Date", "Message-ID")
+
+
+def _content(part: Any) -> str:
+    try:
+        return str(part.get_content())
+    except (LookupError, UnicodeDecodeError, AttributeError):
+        payload = part.get_payload(decode=True) or b""
+        return payload.decode("utf-8", "replace")

@@ -1,0 +1,226 @@
+"""The admin pages through Django's test client (the browser tests are in test_browser.py)."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+from django.contrib.auth.models import Permission, User
+from django.urls import reverse
+
+from django_gmail_smtp.models import GmailAccount, OutboundEmail
+
+from .conftest import APP_PASSWORD, SENDER
+
+pytestmark = pytest.mark.django_db
+
+SECRETS = (APP_PASSWORD, "abcd efgh ijkl mnop", "client-secret-xyz", "1//refresh-token-abc")
+
+
+@pytest.fixture
+def staff(client):
+    user = User.objects.create_superuser("admin", "admin@example.net", "pw")
+    client.force_login(user)
+    return user
+
+
+def limited_user(client, *codenames):
+    user = User.objects.create_user("clerk", "clerk@example.net", "pw", is_staff=True)
+    for codename in codenames:
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    client.force_login(user)
+    return user
+
+
+def test_changelist_shows_health_quota_and_last_send(client, staff, account, sandbox):
+    from django.core.mail import send_mail
+
+    send_mail("s", "b", SENDER, ["t@example.net"])
+    page = client.get(reverse("admin:django_gmail_smtp_gmailaccount_changelist")).content.decode()
+    assert SENDER in page and "gms-quota-bar" in page and "1 / 500" in page
+    assert "gms-ok" in page  # health ok after the send
+    assert "Sending dashboard" in page
+    for secret in SECRETS:
+        assert secret not in page
+
+
+def test_change_form_never_shows_secrets_and_empty_keeps_them(client, staff, account):
+    account.client_secret = "client-secret-xyz"
+    account.refresh_token = "1//refresh-token-abc"
+    account.save()
+    url = reverse("admin:django_gmail_smtp_gmailaccount_change", args=[account.pk])
+    page = client.get(url).content.decode()
+    for secret in SECRETS:
+        assert secret not in page
+    assert "Stored (encrypted); leave empty to keep it." in page
+    data = {
+        "email": SENDER,
+        "auth_method": "app_password",
+        "app_password": "",
+        "client_id": "",
+        "client_secret": "",
+        "refresh_token": "",
+        "service_account_key": "",
+        "send_as_aliases": "",
+        "limits_preset": "workspace",
+        "daily_limit": "",
+        "daily_recipient_limit": "",
+        "per_message_recipient_limit": "",
+        "is_default": "on",
+        "is_active": "on",
+    }
+    response = client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    account.refresh_from_db()
+    assert account.app_password == APP_PASSWORD and account.client_secret == "client-secret-xyz"
+    assert account.limits_preset == "workspace"
+    history = client.get(url + "history/").content.decode()
+    for secret in SECRETS:
+        assert secret not in history
+
+
+def test_replacing_app_password_validates_it(client, staff, account):
+    url = reverse("admin:django_gmail_smtp_gmailaccount_change", args=[account.pk])
+    base = {
+        "email": SENDER,
+        "auth_method": "app_password",
+        "limits_preset": "gmail",
+        "is_active": "on",
+        "is_default": "on",
+    }
+    page = client.post(url, {**base, "app_password": "my-google-password"}).content.decode()
+    assert "An App Password is 16 letters" in page
+    assert "my-google-password" not in page  # not echoed back
+    assert client.post(url, {**base, "app_password": "qrst uvwx yzab cdef"}).status_code == 302
+    account.refresh_from_db()
+    assert account.app_password == "qrstuvwxyzabcdef"
+
+
+def test_verify_and_send_test_buttons(client, staff, account, sandbox):
+    url = reverse("admin:django_gmail_smtp_gmailaccount_operation", args=[account.pk, "verify"])
+    page = client.post(url, follow=True).content.decode()
+    assert "connected over verified TLS and logged in" in page
+    url = reverse("admin:django_gmail_smtp_gmailaccount_operation", args=[account.pk, "send-test"])
+    page = client.post(url, follow=True).content.decode()
+    assert "Test message sent from sender@example.com to admin@example.net" in page
+    assert sandbox.deliveries[0].rcpt_tos == ["admin@example.net"]
+
+
+def test_verify_reports_bad_password_in_plain_words(client, staff, sandbox, make_account):
+    account = make_account(sandbox, app_password="wrongwrongwrongw")
+    url = reverse("admin:django_gmail_smtp_gmailaccount_operation", args=[account.pk, "verify"])
+    page = client.post(url, follow=True).content.decode()
+    assert "apppasswords" in page and "wrongwrongwrongw" not in page
+
+
+def test_pause_and_resume(client, staff, account):
+    for operation, active in (("pause", False), ("resume", True)):
+        url = reverse(
+            "admin:django_gmail_smtp_gmailaccount_operation", args=[account.pk, operation]
+        )
+        client.post(url)
+        account.refresh_from_db()
+        assert account.is_active is active
+
+
+def test_connect_with_google_flow(client, staff, sandbox, make_account, settings):
+    """Start -> the sandbox's consent stand-in -> callback: the refresh token is stored."""
+    sandbox.add_oauth_client("client-1", "client-secret-xyz")
+    account = make_account(sandbox, client_id="client-1", client_secret="client-secret-xyz")
+    start = reverse("admin:django_gmail_smtp_gmailaccount_connect", args=[account.pk])
+    response = client.post(start)
+    assert response.status_code == 302
+    consent = urlsplit(response["Location"])
+    params = parse_qs(consent.query)
+    assert params["access_type"] == ["offline"] and params["prompt"] == ["consent"]
+    assert params["scope"] == ["https://mail.google.com/"]
+    assert params["code_challenge_method"] == ["S256"] and params["login_hint"] == [SENDER]
+    assert params["redirect_uri"] == ["http://testserver/admin/django_gmail_smtp/gmailaccount/oauth/callback/"]
+    # The "browser" follows the sandbox's consent redirect back to the admin.
+    back = requests.get(response["Location"], allow_redirects=False, timeout=5).headers["Location"]
+    page = client.get(back, follow=True).content.decode()
+    assert "Connected sender@example.com with Google" in page
+    account.refresh_from_db()
+    assert account.auth_method == "oauth2" and account.refresh_token
+    # A replayed callback (state already used) is refused.
+    page = client.get(back, follow=True).content.decode()
+    assert "does not match a connection started from this browser session" in page
+
+
+def test_connect_reports_google_refusal(client, staff, sandbox, make_account):
+    sandbox.add_oauth_client("client-1", "client-secret-xyz")
+    sandbox.consent_error = "access_denied"
+    account = make_account(sandbox, client_id="client-1", client_secret="client-secret-xyz")
+    response = client.post(reverse("admin:django_gmail_smtp_gmailaccount_connect", args=[account.pk]))
+    back = requests.get(response["Location"], allow_redirects=False, timeout=5).headers["Location"]
+    page = client.get(back, follow=True).content.decode()
+    assert "declined to grant access" in page
+
+
+def test_connect_behind_proxy_builds_public_redirect_uri(client, staff, sandbox, make_account, settings):
+    settings.USE_X_FORWARDED_HOST = True
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    settings.ALLOWED_HOSTS = ["*"]
+    sandbox.add_oauth_client("client-1", "s")
+    account = make_account(sandbox, client_id="client-1", client_secret="s")
+    response = client.post(
+        reverse("admin:django_gmail_smtp_gmailaccount_connect", args=[account.pk]),
+        HTTP_X_FORWARDED_HOST="mail.example.org",
+        HTTP_X_FORWARDED_PROTO="https",
+    )
+    redirect_uri = parse_qs(urlsplit(response["Location"]).query)["redirect_uri"][0]
+    assert redirect_uri == "https://mail.example.org/admin/django_gmail_smtp/gmailaccount/oauth/callback/"
+
+
+def test_permissions_gate_connect_and_send_test(client, account, sandbox):
+    limited_user(client, "view_gmailaccount")
+    change = reverse("admin:django_gmail_smtp_gmailaccount_change", args=[account.pk])
+    page = client.get(change).content.decode()
+    assert ">Connect with Google</button>" not in page and "Send test message" not in page
+    for name, args in (
+        ("admin:django_gmail_smtp_gmailaccount_connect", [account.pk]),
+        ("admin:django_gmail_smtp_gmailaccount_operation", [account.pk, "send-test"]),
+        ("admin:django_gmail_smtp_gmailaccount_operation", [account.pk, "verify"]),
+    ):
+        assert client.post(reverse(name, args=args)).status_code == 403
+    assert client.get(reverse("admin:django_gmail_smtp_oauth_callback") + "?state=x").status_code == 403
+    assert sandbox.deliveries == []
+
+
+def test_dashboard_renders_svg_charts(client, staff, account, sandbox):
+    from django.core.mail import send_mail
+
+    send_mail("s", "b", SENDER, ["a@example.net", "b@example.net"])
+    page = client.get(reverse("admin:django_gmail_smtp_dashboard")).content.decode()
+    assert page.count('<svg class="gms-chart"') == 2 and "Per day, last 30 days" in page
+    assert "<script" not in page.split('id="content-main"')[1].split("</section>")[0]
+    assert "2 messages" not in page and "1 messages" in page and "2 recipients" in page
+
+
+def test_outbox_list_search_preview_and_actions(client, staff, account, sandbox, monkeypatch):
+    from django.core.mail import EmailMultiAlternatives
+
+    from django_gmail_smtp import outbox
+    from django_gmail_smtp.backends import CeleryGmailBackend
+
+    monkeypatch.setattr(outbox, "dispatch", lambda pk, priority, countdown=None: True)
+    message = EmailMultiAlternatives("Invoice 42", "text body", SENDER, ["bob@example.net"])
+    message.attach_alternative('<p onclick="x()">Hi<script>alert(1)</script></p>', "text/html")
+    message.attach("invoice.pdf", b"%PDF-1.4", "application/pdf")
+    CeleryGmailBackend().send_messages([message])
+    row = OutboundEmail.objects.get()
+    OutboundEmail.objects.filter(pk=row.pk).update(status="failed", reason="permanent")
+    changelist = reverse("admin:django_gmail_smtp_outboundemail_changelist")
+    assert "Invoice 42" in client.get(changelist + "?q=bob@example.net").content.decode()
+    assert "Invoice 42" not in client.get(changelist + "?q=nobody@").content.decode()
+    assert "Invoice 42" in client.get(changelist + "?status__exact=failed").content.decode()
+    page = client.get(reverse("admin:django_gmail_smtp_outboundemail_change", args=[row.pk])).content.decode()
+    assert 'sandbox=""' in page and "invoice.pdf" in page and "application/pdf" in page
+    assert "<script>alert(1)</script>" not in page  # only inside the escaped srcdoc
+    client.post(changelist, {"action": "retry_now", "_selected_action": [row.pk]})
+    row.refresh_from_db()
+    assert row.status == "queued"
+    client.post(changelist, {"action": "cancel", "_selected_action": [row.pk]})
+    row.refresh_from_db()
+    assert row.status == "cancelled"
