@@ -688,4 +688,3 @@ class OutboundEmailAdmin(admin.ModelAdmin):
             raise PermissionDenied
         count = outbox.cancel(queryset)
         self.message_user(request, f"{count} message(s) cancelled; sent mail is left as it is.")
-

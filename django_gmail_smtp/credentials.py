@@ -84,7 +84,7 @@ def _secret(account: GmailAccount, field: str, label: str) -> str:
     return value or ""
 
 
-@sensitive_variables("password")
+@sensitive_variables("password", "rejected_token")
 def credentials_for(
     account: GmailAccount, *, force_refresh: bool = False, rejected_token: str | None = None
 ) -> SMTPCredentials:
@@ -130,7 +130,7 @@ def _token_valid(account: GmailAccount) -> bool:
     return expiry is not None and expiry > now + margin
 
 
-@sensitive_variables("token")
+@sensitive_variables("token", "rejected")
 def _oauth_credentials(
     account: GmailAccount, *, force_refresh: bool, rejected: str | None
 ) -> SMTPCredentials:

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import BadHeaderError
 
 
 class GmailConfigurationError(ImproperlyConfigured):
@@ -270,7 +271,11 @@ class TooManyRecipients(PermanentError):
 
 
 class SenderNotAllowed(PermanentError, smtplib.SMTPSenderRefused):
-    """STRICT_FROM is on and no account can send as the message's From address."""
+    """STRICT_FROM is on and no account can send as the message's From address (``.sender``)."""
+
+    def __init__(self, message: str = "", *, sender: str = "", **kwargs: Any) -> None:
+        self.sender = sender
+        super().__init__(message, **kwargs)
 
     hint = (
         "Add the address as a send-as alias of an account (Gmail settings > Accounts > "
@@ -283,6 +288,15 @@ class InvalidMessage(PermanentError, ValueError):
     """The message cannot be sent as built (header injection, no recipients, bad header)."""
 
     hint = "Fix the message as described; nothing was sent."
+
+
+class HeaderInjection(InvalidMessage, BadHeaderError):
+    """A header or address contains a line break: refused, as Django's BadHeaderError."""
+
+    hint = (
+        "Headers (Subject, From, To, ...) and addresses must not contain line breaks; this is "
+        "refused to prevent header injection. Nothing was sent."
+    )
 
 
 # --- classification --------------------------------------------------------------------------

@@ -12,13 +12,17 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from .crypto import EncryptedTextField
+from .crypto import EncryptedTextField, UnreadableSecret
 
 APP_PASSWORD_LENGTH = 16
 
 
 def normalize_app_password(value: str) -> str:
-    """Google shows App Passwords as four groups of four; the spaces are not part of it."""
+    """Google shows App Passwords as four groups of four; the spaces are not part of it.
+
+    A stored secret that cannot be decrypted is returned as it is, so saving keeps it."""
+    if isinstance(value, UnreadableSecret):
+        return value
     return "".join((value or "").split())
 
 
@@ -184,7 +188,12 @@ class GmailAccount(models.Model):
         self.email = normalize_address(self.email)
         self.app_password = normalize_app_password(self.app_password)
         if self.auth_method == self.AuthMethod.APP_PASSWORD:
-            if not self.app_password:
+            if isinstance(self.app_password, UnreadableSecret):
+                errors["app_password"] = (
+                    "The stored App Password cannot be decrypted with the configured keys "
+                    "(ENCRYPTION_KEYS or SECRET_KEY changed). Enter it again."
+                )
+            elif not self.app_password:
                 errors["app_password"] = "An App Password account needs its App Password."
             elif len(self.app_password) != APP_PASSWORD_LENGTH or not self.app_password.isalpha():
                 errors["app_password"] = (
@@ -322,7 +331,9 @@ class QuotaDay(models.Model):
 
     class Meta:
         verbose_name = _("quota day")
-        constraints = [models.UniqueConstraint(fields=["quota", "day"], name="gmail_smtp_quota_day")]
+        constraints = [
+            models.UniqueConstraint(fields=["quota", "day"], name="gmail_smtp_quota_day")
+        ]
 
     def __str__(self) -> str:
         return f"{self.quota_id}@{self.day}"

@@ -351,7 +351,9 @@ def sweep(*, limit: int = 1000) -> dict[str, int]:
             enqueued_at=None,
             claimed_by="",
         )
-        logger.warning("Re-queued %d outbound email(s) left sending by a dead worker", len(expired_ids))
+        logger.warning(
+            "Re-queued %d outbound email(s) left sending by a dead worker", len(expired_ids)
+        )
     due_deferred = OutboundEmail.objects.filter(
         status=Status.DEFERRED, next_attempt_at__isnull=False, next_attempt_at__lte=now
     )

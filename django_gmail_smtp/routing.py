@@ -21,7 +21,13 @@ from django.core.mail import EmailMessage
 
 from .conf import get_setting
 from .credentials import default_account, settings_account
-from .exceptions import InvalidMessage, NoSenderAccount, SenderNotAllowed, TooManyRecipients
+from .exceptions import (
+    HeaderInjection,
+    InvalidMessage,
+    NoSenderAccount,
+    SenderNotAllowed,
+    TooManyRecipients,
+)
 from .models import GmailAccount, normalize_address
 
 
@@ -100,7 +106,9 @@ class Router:
         """
         from_header = header_from(message)
         name, address = parseaddr(from_header)
-        if not address or "@" not in address or "\n" in from_header or "\r" in from_header:
+        if "\n" in from_header or "\r" in from_header:
+            raise HeaderInjection(f"The From address {from_header!r} contains a line break")
+        if not address or "@" not in address:
             raise InvalidMessage(
                 f"The From address {from_header!r} is not a valid email address",
                 hint="Set from_email (or DEFAULT_FROM_EMAIL) to an address like "
@@ -128,7 +136,8 @@ class Router:
         elif self.strict:
             raise SenderNotAllowed(
                 f"No Gmail account here can send as {address} and STRICT_FROM is on, so the "
-                "message was refused"
+                "message was refused",
+                sender=address,
             )
         else:
             account, rewritten = fallback or self.default(), True
@@ -161,8 +170,12 @@ class Router:
         )
 
     def _recipients(self, message: EmailMessage) -> list[str]:
+        raw = [str(addr) for addr in message.recipients()]
+        for addr in raw:
+            if "\r" in addr or "\n" in addr:
+                raise HeaderInjection(f"The recipient {addr!r} contains a line break")
         try:
-            recipients = [envelope_address(addr) for addr in message.recipients()]
+            recipients = [envelope_address(addr) for addr in raw]
         except ValueError as exc:
             raise InvalidMessage(f"A recipient address is not valid: {exc}") from None
         if not recipients:
@@ -200,12 +213,12 @@ def _message_bytes(message: EmailMessage) -> tuple[bytes, str]:
         else:  # Django < 6.0
             mime = message.message()
             data = mime.as_bytes(linesep="\r\n")
-    except (BadHeaderError, ValueError) as exc:
-        raise InvalidMessage(
-            f"The message cannot be built: {exc}",
-            hint="Headers (Subject, From, To, ...) must not contain line breaks; "
-            "this is refused to prevent header injection. Nothing was sent.",
-        ) from None
+    except BadHeaderError as exc:
+        raise HeaderInjection(f"The message cannot be built: {exc}") from None
+    except ValueError as exc:
+        if "\n" in str(exc) or "\r" in str(exc) or "newline" in str(exc).lower():
+            raise HeaderInjection(f"The message cannot be built: {exc}") from None
+        raise InvalidMessage(f"The message cannot be built: {exc}") from None
     message_id = str(mime.get("Message-ID", "") or "")
     return data, message_id
 

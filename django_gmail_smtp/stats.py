@@ -167,12 +167,11 @@ def message_preview(row: OutboundEmail) -> SafeString:
     blocks = [format_html('<table class="gms-headers">{}</table>', headers)]
     if html is not None:
         document = (
-            f'<meta http-equiv="Content-Security-Policy" content="{PREVIEW_CSP}">'
-            + _content(html)
+            f'<meta http-equiv="Content-Security-Policy" content="{PREVIEW_CSP}">' + _content(html)
         )
         blocks.append(
             format_html(
-                '<p><strong>HTML</strong> (shown sandboxed: no scripts, no remote images)</p>'
+                "<p><strong>HTML</strong> (shown sandboxed: no scripts, no remote images)</p>"
                 '<iframe class="gms-preview" sandbox="" referrerpolicy="no-referrer" '
                 'srcdoc="{}"></iframe>',
                 document,
@@ -180,7 +179,9 @@ def message_preview(row: OutboundEmail) -> SafeString:
         )
     if text is not None:
         blocks.append(
-            format_html('<p><strong>Text</strong></p><pre class="gms-text">{}</pre>', _content(text))
+            format_html(
+                '<p><strong>Text</strong></p><pre class="gms-text">{}</pre>', _content(text)
+            )
         )
     if attachments:
         rows = format_html_join(

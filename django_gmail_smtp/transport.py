@@ -98,6 +98,9 @@ class GmailConnection:
         if self._smtp is not None:
             return
         context = ssl_context(self.ca_file)
+        # Read (and if needed refresh) the credentials first: a key or token problem is
+        # reported without opening a connection.
+        credentials = credentials_for(self.account)
         with self._guard("connect"):
             if self.security == "ssl":
                 smtp: smtplib.SMTP = smtplib.SMTP_SSL(
@@ -130,7 +133,7 @@ class GmailConnection:
                             code, reply, phase="starttls", account=self.account.email
                         )
                     self._ehlo()
-            self._authenticate()
+            self._authenticate(credentials)
         except BaseException:
             self._abort()
             raise
@@ -167,7 +170,7 @@ class GmailConnection:
         if code != 250:
             raise classify_reply(code, reply, phase="ehlo", account=self.account.email)
 
-    def _authenticate(self) -> None:
+    def _authenticate(self, credentials: SMTPCredentials) -> None:
         smtp = self._smtp
         assert smtp is not None
         if not smtp.has_extn("auth"):
@@ -177,7 +180,6 @@ class GmailConnection:
                 phase="auth",
                 hint="Check HOST/PORT: Gmail offers AUTH on 587 after STARTTLS and on 465.",
             )
-        credentials = credentials_for(self.account)
         try:
             self._login(credentials)
         except AuthenticationError as exc:

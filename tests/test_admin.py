@@ -136,7 +136,9 @@ def test_connect_with_google_flow(client, staff, sandbox, make_account, settings
     assert params["access_type"] == ["offline"] and params["prompt"] == ["consent"]
     assert params["scope"] == ["https://mail.google.com/"]
     assert params["code_challenge_method"] == ["S256"] and params["login_hint"] == [SENDER]
-    assert params["redirect_uri"] == ["http://testserver/admin/django_gmail_smtp/gmailaccount/oauth/callback/"]
+    assert params["redirect_uri"] == [
+        "http://testserver/admin/django_gmail_smtp/gmailaccount/oauth/callback/"
+    ]
     # The "browser" follows the sandbox's consent redirect back to the admin.
     back = requests.get(response["Location"], allow_redirects=False, timeout=5).headers["Location"]
     page = client.get(back, follow=True).content.decode()
@@ -152,13 +154,17 @@ def test_connect_reports_google_refusal(client, staff, sandbox, make_account):
     sandbox.add_oauth_client("client-1", "client-secret-xyz")
     sandbox.consent_error = "access_denied"
     account = make_account(sandbox, client_id="client-1", client_secret="client-secret-xyz")
-    response = client.post(reverse("admin:django_gmail_smtp_gmailaccount_connect", args=[account.pk]))
+    response = client.post(
+        reverse("admin:django_gmail_smtp_gmailaccount_connect", args=[account.pk])
+    )
     back = requests.get(response["Location"], allow_redirects=False, timeout=5).headers["Location"]
     page = client.get(back, follow=True).content.decode()
     assert "declined to grant access" in page
 
 
-def test_connect_behind_proxy_builds_public_redirect_uri(client, staff, sandbox, make_account, settings):
+def test_connect_behind_proxy_builds_public_redirect_uri(
+    client, staff, sandbox, make_account, settings
+):
     settings.USE_X_FORWARDED_HOST = True
     settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     settings.ALLOWED_HOSTS = ["*"]
@@ -170,7 +176,10 @@ def test_connect_behind_proxy_builds_public_redirect_uri(client, staff, sandbox,
         HTTP_X_FORWARDED_PROTO="https",
     )
     redirect_uri = parse_qs(urlsplit(response["Location"]).query)["redirect_uri"][0]
-    assert redirect_uri == "https://mail.example.org/admin/django_gmail_smtp/gmailaccount/oauth/callback/"
+    assert (
+        redirect_uri
+        == "https://mail.example.org/admin/django_gmail_smtp/gmailaccount/oauth/callback/"
+    )
 
 
 def test_permissions_gate_connect_and_send_test(client, account, sandbox):
@@ -184,7 +193,10 @@ def test_permissions_gate_connect_and_send_test(client, account, sandbox):
         ("admin:django_gmail_smtp_gmailaccount_operation", [account.pk, "verify"]),
     ):
         assert client.post(reverse(name, args=args)).status_code == 403
-    assert client.get(reverse("admin:django_gmail_smtp_oauth_callback") + "?state=x").status_code == 403
+    assert (
+        client.get(reverse("admin:django_gmail_smtp_oauth_callback") + "?state=x").status_code
+        == 403
+    )
     assert sandbox.deliveries == []
 
 
@@ -215,7 +227,9 @@ def test_outbox_list_search_preview_and_actions(client, staff, account, sandbox,
     assert "Invoice 42" in client.get(changelist + "?q=bob@example.net").content.decode()
     assert "Invoice 42" not in client.get(changelist + "?q=nobody@").content.decode()
     assert "Invoice 42" in client.get(changelist + "?status__exact=failed").content.decode()
-    page = client.get(reverse("admin:django_gmail_smtp_outboundemail_change", args=[row.pk])).content.decode()
+    page = client.get(
+        reverse("admin:django_gmail_smtp_outboundemail_change", args=[row.pk])
+    ).content.decode()
     assert 'sandbox=""' in page and "invoice.pdf" in page and "application/pdf" in page
     assert "<script>alert(1)</script>" not in page  # only inside the escaped srcdoc
     client.post(changelist, {"action": "retry_now", "_selected_action": [row.pk]})

@@ -42,7 +42,9 @@ def clock(sandbox):
 
 
 def send(to="to@example.net", *, sender=SENDER, priority=None, n=1):
-    message = EmailMessage("s", "b", sender, [to] if n == 1 else [f"r{i}@x.example" for i in range(n)])
+    message = EmailMessage(
+        "s", "b", sender, [to] if n == 1 else [f"r{i}@x.example" for i in range(n)]
+    )
     if priority:
         message.gmail_priority = priority
     return message.send()
@@ -229,12 +231,16 @@ def test_status_and_next_slot(account, sandbox, clock):
     assert status.next_slot_at == START.replace(second=0) + timedelta(hours=24, minutes=1)
 
 
-def test_old_buckets_are_pruned(account, sandbox, clock):
+def test_old_buckets_are_pruned_into_daily_totals(account, sandbox, clock):
+    from django_gmail_smtp.models import QuotaDay
+
     for _ in range(3):
-        send()
+        send(n=2)
         clock.advance(hours=13)
     assert QuotaBucket.objects.count() == 2  # the first bucket left the window and was pruned
     assert SenderQuota.objects.get().address == SENDER
+    (day,) = QuotaDay.objects.all()
+    assert (day.day, day.messages, day.recipients) == (START.date(), 1, 2)
 
 
 def test_reserve_costs_constant_queries(account, clock):
@@ -245,7 +251,7 @@ def test_reserve_costs_constant_queries(account, clock):
     quota_row = SenderQuota.objects.create(address=SENDER)
     base = START.replace(second=0)
     counts = []
-    for history in (10, 3000):
+    for history in (10, 1400):  # the window holds at most 1,440 minute buckets
         QuotaBucket.objects.all().delete()
         QuotaBucket.objects.bulk_create(
             QuotaBucket(quota=quota_row, minute=base - timedelta(minutes=i), messages=0)

@@ -7,157 +7,450 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='SenderQuota',
+            name="SenderQuota",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('address', models.EmailField(max_length=254, unique=True, verbose_name='address')),
-                ('exhausted_until', models.DateTimeField(blank=True, null=True, verbose_name='exhausted until')),
-                ('exhausted_reason', models.TextField(blank=True, verbose_name='why exhausted')),
-                ('version', models.BigIntegerField(default=0, editable=False)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("address", models.EmailField(max_length=254, unique=True, verbose_name="address")),
+                (
+                    "exhausted_until",
+                    models.DateTimeField(blank=True, null=True, verbose_name="exhausted until"),
+                ),
+                ("exhausted_reason", models.TextField(blank=True, verbose_name="why exhausted")),
+                ("version", models.BigIntegerField(default=0, editable=False)),
             ],
             options={
-                'verbose_name': 'sender quota',
-                'verbose_name_plural': 'sender quotas',
+                "verbose_name": "sender quota",
+                "verbose_name_plural": "sender quotas",
             },
         ),
         migrations.CreateModel(
-            name='GmailAccount',
+            name="GmailAccount",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('email', models.EmailField(max_length=254, unique=True, verbose_name='address')),
-                ('auth_method', models.CharField(choices=[('app_password', 'App Password'), ('oauth2', 'OAuth2 (XOAUTH2)'), ('service_account', 'Workspace service account')], default='app_password', max_length=20, verbose_name='authentication')),
-                ('app_password', django_gmail_smtp.crypto.EncryptedTextField(blank=True, help_text='16 letters from https://myaccount.google.com/apppasswords; spaces ignored.', verbose_name='App Password')),
-                ('client_id', models.CharField(blank=True, help_text='Empty: GMAIL_SMTP["CLIENT_ID"] is used.', max_length=255, verbose_name='OAuth client id')),
-                ('client_secret', django_gmail_smtp.crypto.EncryptedTextField(blank=True, verbose_name='OAuth client secret')),
-                ('refresh_token', django_gmail_smtp.crypto.EncryptedTextField(blank=True, verbose_name='OAuth refresh token')),
-                ('access_token', django_gmail_smtp.crypto.EncryptedTextField(blank=True, verbose_name='OAuth access token')),
-                ('token_expiry', models.DateTimeField(blank=True, null=True, verbose_name='access token expires')),
-                ('service_account_key', django_gmail_smtp.crypto.EncryptedTextField(blank=True, help_text='The JSON key of a service account with domain-wide delegation.', verbose_name='service account key (JSON)')),
-                ('send_as_aliases', models.TextField(blank=True, help_text="Verified 'Send mail as' addresses of this account, one per line.", verbose_name='send-as aliases')),
-                ('limits_preset', models.CharField(choices=[('gmail', 'Gmail (consumer): 500 messages a day'), ('workspace', 'Google Workspace: 2,000 messages / 10,000 recipients a day'), ('workspace_trial', 'Google Workspace trial: 500 messages a day')], default='gmail', help_text="Gmail's published limits for this kind of account; override any below.", max_length=20, verbose_name='limits')),
-                ('daily_limit', models.PositiveIntegerField(blank=True, help_text="Empty: the preset's (Gmail 500, Workspace 2,000, Workspace trial 500).", null=True, verbose_name='messages per 24 hours')),
-                ('daily_recipient_limit', models.PositiveIntegerField(blank=True, help_text="Empty: the preset's (Workspace 10,000; none published for Gmail).", null=True, verbose_name='recipients per 24 hours')),
-                ('per_message_recipient_limit', models.PositiveIntegerField(blank=True, help_text="Empty: the preset's (100 over SMTP).", null=True, verbose_name='recipients per message')),
-                ('is_default', models.BooleanField(default=False, help_text='Sends mail whose From address no account can send as.', verbose_name='default account')),
-                ('is_active', models.BooleanField(default=True, verbose_name='active')),
-                ('health', models.CharField(choices=[('unknown', 'not checked yet'), ('ok', 'ok'), ('needs_consent', 'needs consent again'), ('credentials_rejected', 'credentials rejected')], default='unknown', max_length=32, verbose_name='health')),
-                ('health_detail', models.TextField(blank=True, verbose_name='last problem')),
-                ('health_checked_at', models.DateTimeField(blank=True, null=True, verbose_name='health checked')),
-                ('last_sent_at', models.DateTimeField(blank=True, null=True, verbose_name='last send')),
-                ('created_at', models.DateTimeField(auto_now_add=True, verbose_name='created')),
-                ('updated_at', models.DateTimeField(auto_now=True, verbose_name='updated')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("email", models.EmailField(max_length=254, unique=True, verbose_name="address")),
+                (
+                    "auth_method",
+                    models.CharField(
+                        choices=[
+                            ("app_password", "App Password"),
+                            ("oauth2", "OAuth2 (XOAUTH2)"),
+                            ("service_account", "Workspace service account"),
+                        ],
+                        default="app_password",
+                        max_length=20,
+                        verbose_name="authentication",
+                    ),
+                ),
+                (
+                    "app_password",
+                    django_gmail_smtp.crypto.EncryptedTextField(
+                        blank=True,
+                        help_text="16 letters from https://myaccount.google.com/apppasswords; spaces ignored.",
+                        verbose_name="App Password",
+                    ),
+                ),
+                (
+                    "client_id",
+                    models.CharField(
+                        blank=True,
+                        help_text='Empty: GMAIL_SMTP["CLIENT_ID"] is used.',
+                        max_length=255,
+                        verbose_name="OAuth client id",
+                    ),
+                ),
+                (
+                    "client_secret",
+                    django_gmail_smtp.crypto.EncryptedTextField(
+                        blank=True, verbose_name="OAuth client secret"
+                    ),
+                ),
+                (
+                    "refresh_token",
+                    django_gmail_smtp.crypto.EncryptedTextField(
+                        blank=True, verbose_name="OAuth refresh token"
+                    ),
+                ),
+                (
+                    "access_token",
+                    django_gmail_smtp.crypto.EncryptedTextField(
+                        blank=True, verbose_name="OAuth access token"
+                    ),
+                ),
+                (
+                    "token_expiry",
+                    models.DateTimeField(
+                        blank=True, null=True, verbose_name="access token expires"
+                    ),
+                ),
+                (
+                    "service_account_key",
+                    django_gmail_smtp.crypto.EncryptedTextField(
+                        blank=True,
+                        help_text="The JSON key of a service account with domain-wide delegation.",
+                        verbose_name="service account key (JSON)",
+                    ),
+                ),
+                (
+                    "send_as_aliases",
+                    models.TextField(
+                        blank=True,
+                        help_text="Verified 'Send mail as' addresses of this account, one per line.",
+                        verbose_name="send-as aliases",
+                    ),
+                ),
+                (
+                    "limits_preset",
+                    models.CharField(
+                        choices=[
+                            ("gmail", "Gmail (consumer): 500 messages a day"),
+                            (
+                                "workspace",
+                                "Google Workspace: 2,000 messages / 10,000 recipients a day",
+                            ),
+                            ("workspace_trial", "Google Workspace trial: 500 messages a day"),
+                        ],
+                        default="gmail",
+                        help_text="Gmail's published limits for this kind of account; override any below.",
+                        max_length=20,
+                        verbose_name="limits",
+                    ),
+                ),
+                (
+                    "daily_limit",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Empty: the preset's (Gmail 500, Workspace 2,000, Workspace trial 500).",
+                        null=True,
+                        verbose_name="messages per 24 hours",
+                    ),
+                ),
+                (
+                    "daily_recipient_limit",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Empty: the preset's (Workspace 10,000; none published for Gmail).",
+                        null=True,
+                        verbose_name="recipients per 24 hours",
+                    ),
+                ),
+                (
+                    "per_message_recipient_limit",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Empty: the preset's (100 over SMTP).",
+                        null=True,
+                        verbose_name="recipients per message",
+                    ),
+                ),
+                (
+                    "is_default",
+                    models.BooleanField(
+                        default=False,
+                        help_text="Sends mail whose From address no account can send as.",
+                        verbose_name="default account",
+                    ),
+                ),
+                ("is_active", models.BooleanField(default=True, verbose_name="active")),
+                (
+                    "health",
+                    models.CharField(
+                        choices=[
+                            ("unknown", "not checked yet"),
+                            ("ok", "ok"),
+                            ("needs_consent", "needs consent again"),
+                            ("credentials_rejected", "credentials rejected"),
+                        ],
+                        default="unknown",
+                        max_length=32,
+                        verbose_name="health",
+                    ),
+                ),
+                ("health_detail", models.TextField(blank=True, verbose_name="last problem")),
+                (
+                    "health_checked_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="health checked"),
+                ),
+                (
+                    "last_sent_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="last send"),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True, verbose_name="created")),
+                ("updated_at", models.DateTimeField(auto_now=True, verbose_name="updated")),
             ],
             options={
-                'verbose_name': 'Gmail account',
-                'verbose_name_plural': 'Gmail accounts',
-                'ordering': ('-is_default', 'email'),
-                'permissions': [('connect_gmailaccount', 'Can connect a Gmail account with Google'), ('send_test_gmailaccount', 'Can send test mail from a Gmail account')],
-                'constraints': [models.UniqueConstraint(condition=models.Q(('is_default', True)), fields=('is_default',), name='gmail_smtp_one_default_account')],
+                "verbose_name": "Gmail account",
+                "verbose_name_plural": "Gmail accounts",
+                "ordering": ("-is_default", "email"),
+                "permissions": [
+                    ("connect_gmailaccount", "Can connect a Gmail account with Google"),
+                    ("send_test_gmailaccount", "Can send test mail from a Gmail account"),
+                ],
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(("is_default", True)),
+                        fields=("is_default",),
+                        name="gmail_smtp_one_default_account",
+                    )
+                ],
             },
         ),
         migrations.CreateModel(
-            name='OutboundEmail',
+            name="OutboundEmail",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('status', models.CharField(choices=[('queued', 'queued'), ('sending', 'sending'), ('sent', 'sent'), ('deferred', 'deferred'), ('failed', 'failed'), ('cancelled', 'cancelled')], default='queued', max_length=10, verbose_name='status')),
-                ('priority', models.CharField(choices=[('transactional', 'transactional'), ('bulk', 'bulk')], default='transactional', max_length=13, verbose_name='priority')),
-                ('account_email', models.EmailField(max_length=254, verbose_name='sending address')),
-                ('from_email', models.CharField(max_length=320, verbose_name='envelope sender')),
-                ('recipients', models.JSONField(default=list, verbose_name='recipients')),
-                ('subject', models.CharField(blank=True, max_length=998, verbose_name='subject')),
-                ('message_id', models.CharField(blank=True, db_index=True, max_length=998, verbose_name='Message-ID')),
-                ('mime', models.BinaryField(default=bytes, verbose_name='message')),
-                ('size', models.PositiveIntegerField(default=0, verbose_name='size (bytes)')),
-                ('from_rewritten', models.BooleanField(default=False, verbose_name='From rewritten')),
-                ('attempts', models.PositiveIntegerField(default=0, verbose_name='attempts')),
-                ('next_attempt_at', models.DateTimeField(blank=True, null=True, verbose_name='next attempt')),
-                ('enqueued_at', models.DateTimeField(blank=True, null=True, verbose_name='handed to Celery')),
-                ('lease_expires_at', models.DateTimeField(blank=True, null=True, verbose_name='lease expires')),
-                ('claimed_by', models.CharField(blank=True, max_length=200, verbose_name='worker')),
-                ('reason', models.CharField(blank=True, choices=[('', 'none'), ('retry', 'temporary failure, retrying'), ('quota', 'waiting for quota'), ('auth', 'waiting for the account to be fixed'), ('config', 'waiting for the configuration to be fixed'), ('permanent', 'refused by Gmail'), ('attempts', 'too many temporary failures')], default='', max_length=10, verbose_name='reason')),
-                ('last_error', models.TextField(blank=True, verbose_name='last error')),
-                ('last_code', models.PositiveSmallIntegerField(blank=True, null=True, verbose_name='last reply code')),
-                ('gmail_reply', models.TextField(blank=True, verbose_name="Gmail's reply")),
-                ('refused_recipients', models.JSONField(blank=True, default=dict, verbose_name='refused recipients')),
-                ('sent_at', models.DateTimeField(blank=True, null=True, verbose_name='sent')),
-                ('body_dropped_at', models.DateTimeField(blank=True, null=True, verbose_name='body dropped')),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True, verbose_name='queued')),
-                ('updated_at', models.DateTimeField(auto_now=True, verbose_name='updated')),
-                ('account', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='outbound', to='django_gmail_smtp.gmailaccount', verbose_name='account')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "queued"),
+                            ("sending", "sending"),
+                            ("sent", "sent"),
+                            ("deferred", "deferred"),
+                            ("failed", "failed"),
+                            ("cancelled", "cancelled"),
+                        ],
+                        default="queued",
+                        max_length=10,
+                        verbose_name="status",
+                    ),
+                ),
+                (
+                    "priority",
+                    models.CharField(
+                        choices=[("transactional", "transactional"), ("bulk", "bulk")],
+                        default="transactional",
+                        max_length=13,
+                        verbose_name="priority",
+                    ),
+                ),
+                (
+                    "account_email",
+                    models.EmailField(max_length=254, verbose_name="sending address"),
+                ),
+                ("from_email", models.CharField(max_length=320, verbose_name="envelope sender")),
+                ("recipients", models.JSONField(default=list, verbose_name="recipients")),
+                ("subject", models.CharField(blank=True, max_length=998, verbose_name="subject")),
+                (
+                    "message_id",
+                    models.CharField(
+                        blank=True, db_index=True, max_length=998, verbose_name="Message-ID"
+                    ),
+                ),
+                ("mime", models.BinaryField(default=bytes, verbose_name="message")),
+                ("size", models.PositiveIntegerField(default=0, verbose_name="size (bytes)")),
+                (
+                    "from_rewritten",
+                    models.BooleanField(default=False, verbose_name="From rewritten"),
+                ),
+                ("attempts", models.PositiveIntegerField(default=0, verbose_name="attempts")),
+                (
+                    "next_attempt_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="next attempt"),
+                ),
+                (
+                    "enqueued_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="handed to Celery"),
+                ),
+                (
+                    "lease_expires_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="lease expires"),
+                ),
+                ("claimed_by", models.CharField(blank=True, max_length=200, verbose_name="worker")),
+                (
+                    "reason",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("", "none"),
+                            ("retry", "temporary failure, retrying"),
+                            ("quota", "waiting for quota"),
+                            ("auth", "waiting for the account to be fixed"),
+                            ("config", "waiting for the configuration to be fixed"),
+                            ("permanent", "refused by Gmail"),
+                            ("attempts", "too many temporary failures"),
+                        ],
+                        default="",
+                        max_length=10,
+                        verbose_name="reason",
+                    ),
+                ),
+                ("last_error", models.TextField(blank=True, verbose_name="last error")),
+                (
+                    "last_code",
+                    models.PositiveSmallIntegerField(
+                        blank=True, null=True, verbose_name="last reply code"
+                    ),
+                ),
+                ("gmail_reply", models.TextField(blank=True, verbose_name="Gmail's reply")),
+                (
+                    "refused_recipients",
+                    models.JSONField(blank=True, default=dict, verbose_name="refused recipients"),
+                ),
+                ("sent_at", models.DateTimeField(blank=True, null=True, verbose_name="sent")),
+                (
+                    "body_dropped_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="body dropped"),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(auto_now_add=True, db_index=True, verbose_name="queued"),
+                ),
+                ("updated_at", models.DateTimeField(auto_now=True, verbose_name="updated")),
+                (
+                    "account",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="outbound",
+                        to="django_gmail_smtp.gmailaccount",
+                        verbose_name="account",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'outbound email',
-                'verbose_name_plural': 'outbox',
-                'ordering': ('-created_at',),
-                'permissions': [('retry_outboundemail', 'Can retry or cancel outbound email')],
+                "verbose_name": "outbound email",
+                "verbose_name_plural": "outbox",
+                "ordering": ("-created_at",),
+                "permissions": [("retry_outboundemail", "Can retry or cancel outbound email")],
             },
         ),
         migrations.CreateModel(
-            name='OutboundAttempt',
+            name="OutboundAttempt",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='at')),
-                ('account_email', models.EmailField(max_length=254, verbose_name='account')),
-                ('outcome', models.CharField(choices=[('sent', 'sent'), ('retry', 'will retry'), ('deferred', 'deferred'), ('failed', 'failed')], max_length=10, verbose_name='outcome')),
-                ('code', models.PositiveSmallIntegerField(blank=True, null=True, verbose_name='reply code')),
-                ('reply', models.TextField(blank=True, verbose_name='reply / reason')),
-                ('phase', models.CharField(blank=True, max_length=20, verbose_name='phase')),
-                ('worker', models.CharField(blank=True, max_length=200, verbose_name='worker')),
-                ('outbound', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='log', to='django_gmail_smtp.outboundemail')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("at", models.DateTimeField(default=django.utils.timezone.now, verbose_name="at")),
+                ("account_email", models.EmailField(max_length=254, verbose_name="account")),
+                (
+                    "outcome",
+                    models.CharField(
+                        choices=[
+                            ("sent", "sent"),
+                            ("retry", "will retry"),
+                            ("deferred", "deferred"),
+                            ("failed", "failed"),
+                        ],
+                        max_length=10,
+                        verbose_name="outcome",
+                    ),
+                ),
+                (
+                    "code",
+                    models.PositiveSmallIntegerField(
+                        blank=True, null=True, verbose_name="reply code"
+                    ),
+                ),
+                ("reply", models.TextField(blank=True, verbose_name="reply / reason")),
+                ("phase", models.CharField(blank=True, max_length=20, verbose_name="phase")),
+                ("worker", models.CharField(blank=True, max_length=200, verbose_name="worker")),
+                (
+                    "outbound",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="log",
+                        to="django_gmail_smtp.outboundemail",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'attempt',
-                'ordering': ('at', 'pk'),
+                "verbose_name": "attempt",
+                "ordering": ("at", "pk"),
             },
         ),
         migrations.CreateModel(
-            name='QuotaDay',
+            name="QuotaDay",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('day', models.DateField(verbose_name='day')),
-                ('messages', models.IntegerField(default=0)),
-                ('recipients', models.IntegerField(default=0)),
-                ('quota', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='days', to='django_gmail_smtp.senderquota')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("day", models.DateField(verbose_name="day")),
+                ("messages", models.IntegerField(default=0)),
+                ("recipients", models.IntegerField(default=0)),
+                (
+                    "quota",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="days",
+                        to="django_gmail_smtp.senderquota",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'quota day',
+                "verbose_name": "quota day",
             },
         ),
         migrations.CreateModel(
-            name='QuotaBucket',
+            name="QuotaBucket",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('minute', models.DateTimeField(verbose_name='minute')),
-                ('messages', models.IntegerField(default=0)),
-                ('recipients', models.IntegerField(default=0)),
-                ('quota', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='buckets', to='django_gmail_smtp.senderquota')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("minute", models.DateTimeField(verbose_name="minute")),
+                ("messages", models.IntegerField(default=0)),
+                ("recipients", models.IntegerField(default=0)),
+                (
+                    "quota",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="buckets",
+                        to="django_gmail_smtp.senderquota",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'quota bucket',
+                "verbose_name": "quota bucket",
             },
         ),
         migrations.AddIndex(
-            model_name='outboundemail',
-            index=models.Index(fields=['status', 'next_attempt_at'], name='gmail_smtp_outbox_due'),
+            model_name="outboundemail",
+            index=models.Index(fields=["status", "next_attempt_at"], name="gmail_smtp_outbox_due"),
         ),
         migrations.AddIndex(
-            model_name='outboundemail',
-            index=models.Index(fields=['account', 'status'], name='gmail_smtp_outbox_account'),
+            model_name="outboundemail",
+            index=models.Index(fields=["account", "status"], name="gmail_smtp_outbox_account"),
         ),
         migrations.AddConstraint(
-            model_name='quotaday',
-            constraint=models.UniqueConstraint(fields=('quota', 'day'), name='gmail_smtp_quota_day'),
+            model_name="quotaday",
+            constraint=models.UniqueConstraint(
+                fields=("quota", "day"), name="gmail_smtp_quota_day"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='quotabucket',
-            constraint=models.UniqueConstraint(fields=('quota', 'minute'), name='gmail_smtp_bucket_minute'),
+            model_name="quotabucket",
+            constraint=models.UniqueConstraint(
+                fields=("quota", "minute"), name="gmail_smtp_bucket_minute"
+            ),
         ),
     ]

@@ -18,7 +18,9 @@ class Command(BaseCommand):
     help = (
         "Work with the Gmail sender accounts: `check` connects and logs in to report what "
         "works and what to fix; `send-test TO` sends one test message; `quota` shows each "
-        "account's use of its 24-hour limits; `rotate-keys` re-encrypts secrets. Run "
+        "account's use of its 24-hour limits; `authorize EMAIL` connects an account with "
+        "Google; `retry`, `cancel` and `purge` manage the outbox; `rotate-keys` re-encrypts "
+        "secrets. Run "
         "`manage.py gmail_smtp SUBCOMMAND --help` for each subcommand's options."
     )
 
@@ -92,6 +94,32 @@ class Command(BaseCommand):
         )
         purge.add_argument("--delete-sent-after", type=int, metavar="DAYS", default=None)
         purge.add_argument("--drop-bodies-after", type=int, metavar="DAYS", default=None)
+
+        authorize = sub.add_parser(
+            "authorize",
+            help="connect an account with Google (OAuth2) from this terminal",
+            description="Run Google's consent flow with a loopback redirect: a one-shot web "
+            "server on 127.0.0.1 receives Google's answer, so no code is copied by hand. Open "
+            "the printed URL in a browser on this machine, sign in as EMAIL and allow access; "
+            "the refresh token is then stored, encrypted, on the account (created if missing). "
+            "The OAuth client (id and secret from --client-id/--client-secret, the account, "
+            'or GMAIL_SMTP["CLIENT_ID"]/["CLIENT_SECRET"]) must be of type "Desktop app".',
+            **kw,
+        )
+        authorize.add_argument("email", metavar="EMAIL", help="the Gmail address to connect")
+        authorize.add_argument("--client-id", help="OAuth client id to store on the account")
+        authorize.add_argument(
+            "--client-secret", help="OAuth client secret to store on the account"
+        )
+        authorize.add_argument(
+            "--port", type=int, default=0, help="loopback port (default: any free port)"
+        )
+        authorize.add_argument(
+            "--no-browser", action="store_true", help="only print the URL; do not open a browser"
+        )
+        authorize.add_argument(
+            "--timeout", type=float, default=300, help="seconds to wait for Google (300)"
+        )
 
         sub.add_parser(
             "rotate-keys",
@@ -243,6 +271,83 @@ class Command(BaseCommand):
             )
         )
 
+    # --- authorize -------------------------------------------------------------------------------
+    def handle_authorize(
+        self,
+        email: str,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        port: int = 0,
+        no_browser: bool = False,
+        timeout: float = 300,
+        **options: Any,
+    ) -> None:
+        from django_gmail_smtp.credentials import finish_authorization, start_authorization
+        from django_gmail_smtp.loopback import LoopbackReceiver
+
+        address = normalize_address(email)
+        account = GmailAccount.objects.filter(email=address).first()
+        created = account is None
+        if account is None:
+            account = GmailAccount(email=address, auth_method=GmailAccount.AuthMethod.OAUTH2)
+            account.is_default = not GmailAccount.objects.filter(is_default=True).exists()
+        if client_id:
+            account.client_id = client_id
+        if client_secret:
+            account.client_secret = client_secret
+        with LoopbackReceiver(port=port) as receiver:
+            try:
+                flow = start_authorization(account, receiver.redirect_uri)
+            except ImproperlyConfigured as exc:
+                raise CommandError(str(exc)) from None
+            self.stdout.write(
+                f"Open this URL in a browser on this machine, sign in as {address} and allow "
+                f"access:\n\n  {flow.url}\n\nWaiting up to {timeout:g} s for Google's answer "
+                f"on {receiver.redirect_uri} ..."
+            )
+            self.stdout.flush()
+            if not no_browser:
+                import webbrowser
+
+                webbrowser.open(flow.url)
+            answer = receiver.wait(timeout)
+        if answer is None:
+            raise CommandError(
+                f"No answer from Google within {timeout:g} s; nothing was changed. Run the "
+                "command again and finish the sign-in in the browser."
+            )
+        from django.utils.crypto import constant_time_compare
+
+        if not constant_time_compare(answer.get("state", ""), flow.state):
+            raise CommandError(
+                "The answer's state does not match this request (another sign-in, or a forged "
+                "redirect); nothing was changed. Run the command again."
+            )
+        if answer.get("error"):
+            raise CommandError(
+                f"Google did not grant access: {answer['error']}. Nothing was changed."
+            )
+        if created or client_id or client_secret:
+            account.save()
+        try:
+            finish_authorization(
+                account,
+                code=answer.get("code", ""),
+                verifier=flow.verifier,
+                redirect_uri=flow.redirect_uri,
+            )
+        except (GmailSMTPError, ImproperlyConfigured) as exc:
+            raise CommandError(f"Not connected: {exc}") from None
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Connected {address} with Google; the refresh token is stored encrypted."
+                + (" (new account)" if created else "")
+            )
+            + " Run `manage.py gmail_smtp check --account "
+            + address
+            + "` to verify."
+        )
+
     # --- rotate-keys -----------------------------------------------------------------------------
     def handle_rotate_keys(self, **options: Any) -> None:
         from django.db import connection, transaction
@@ -300,7 +405,7 @@ class Command(BaseCommand):
         status = getattr(message, "gmail_status", {})
         self.stdout.write(
             self.style.SUCCESS(f"Sent to {to} from {status.get('account', sender.email)}.")
-            + f" Gmail replied: {status.get('reply', '')}"
+            + f" Gmail replied: 250 {status.get('reply', '')}"
         )
         for recipient, (code, text) in (status.get("refused") or {}).items():
             self.stdout.write(self.style.WARNING(f"Refused {recipient}: {code} {text}"))
