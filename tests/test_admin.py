@@ -238,3 +238,58 @@ def test_outbox_list_search_preview_and_actions(client, staff, account, sandbox,
     client.post(changelist, {"action": "cancel", "_selected_action": [row.pk]})
     row.refresh_from_db()
     assert row.status == "cancelled"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_authorize_command_loopback_flow(sandbox, settings):
+    """`gmail_smtp authorize EMAIL` runs the consent flow with a loopback redirect."""
+    import io
+    import re
+    import threading
+    import time
+
+    from django.core.management import call_command
+
+    sandbox.add_user("new@example.com", app_password=APP_PASSWORD)
+    sandbox.add_oauth_client("desktop-client", "desktop-secret")
+    out = io.StringIO()
+    errors = []
+
+    def run():
+        try:
+            call_command(
+                "gmail_smtp",
+                "authorize",
+                "new@example.com",
+                "--client-id",
+                "desktop-client",
+                "--client-secret",
+                "desktop-secret",
+                "--no-browser",
+                "--timeout",
+                "20",
+                stdout=out,
+            )
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while "http" not in out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = re.search(r"(http://\S+/authorize\?\S+)", out.getvalue()).group(1)
+    # The "browser": the sandbox consents and redirects to the command's loopback server.
+    page = requests.get(url, timeout=5)
+    assert "You can close this tab" in page.text
+    thread.join(20)
+    assert not errors, errors
+    account = GmailAccount.objects.get(email="new@example.com")
+    assert account.auth_method == "oauth2" and account.refresh_token
+    assert "Connected new@example.com with Google" in out.getvalue()
+    # The account now sends through XOAUTH2.
+    from django.core.mail import send_mail
+
+    settings.EMAIL_BACKEND = "django_gmail_smtp.backends.GmailSMTPBackend"
+    assert send_mail("s", "b", "new@example.com", ["t@example.net"]) == 1
+    assert sandbox.deliveries[0].user == "new@example.com"
