@@ -1,0 +1,41 @@
+"""A local Gmail sandbox: an SMTP server that answers like smtp.gmail.com and a Google-compatible
+OAuth token endpoint, for tests and offline development.
+
+    from django_gmail_smtp.testing import GmailSandbox
+
+    with GmailSandbox() as sb:
+        sb.add_user("me@example.com", app_password="abcd efgh ijkl mnop")
+        ...
+
+Importing this package does not import Django.
+"""
+
+from .certs import CertificateFiles, client_ssl_context, ensure_certificates
+from .server import (
+    GMAIL_MAX_RECIPIENTS,
+    GMAIL_SIZE_LIMIT,
+    PHASES,
+    Delivered,
+    Fault,
+    GmailSandbox,
+    Replies,
+    SandboxStats,
+    xoauth2_initial_response,
+)
+from .tokens import MAIL_SCOPE
+
+__all__ = [
+    "GMAIL_MAX_RECIPIENTS",
+    "GMAIL_SIZE_LIMIT",
+    "MAIL_SCOPE",
+    "PHASES",
+    "CertificateFiles",
+    "Delivered",
+    "Fault",
+    "GmailSandbox",
+    "Replies",
+    "SandboxStats",
+    "client_ssl_context",
+    "ensure_certificates",
+    "xoauth2_initial_response",
+]
