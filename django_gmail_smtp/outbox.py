@@ -99,12 +99,17 @@ def dispatch(outbound_id: int, priority: str, countdown: float | None = None) ->
     from .tasks import send_outbound_email
 
     try:
-        send_outbound_email.apply_async(
-            (outbound_id,),
-            queue=queue_name(priority),
-            countdown=countdown,
-            retry=False,
-        )
+        with send_outbound_email.app.producer_or_acquire() as producer:
+            # Fail fast (kombu would otherwise retry the connection for seconds while the
+            # caller's web request waits): the sweeper enqueues the row later.
+            producer.connection.ensure_connection(max_retries=0)
+            send_outbound_email.apply_async(
+                (outbound_id,),
+                queue=queue_name(priority),
+                countdown=countdown,
+                retry=False,
+                producer=producer,
+            )
     except Exception as exc:  # kombu raises various errors for a broker that is down
         logger.warning(
             "Could not hand outbound email %s to Celery (%s: %s); it stays queued and the "
