@@ -31,7 +31,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
     messages: list = []
     try:
         user_settings()
-        host, port, security = connection_settings()
+        _host, port, security = connection_settings()
     except GmailConfigurationError as exc:
         return [Error(str(exc), id="django_gmail_smtp.E001")]
     if (port == 465 and security == "starttls") or (port == 587 and security == "ssl"):

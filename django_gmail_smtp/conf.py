@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "ENCRYPTION_KEYS": None,  # list of keys, newest first; derived from SECRET_KEY when unset
     "STRICT_FROM": False,
     "MAX_RECIPIENTS_PER_MESSAGE": 100,
-    "TOKEN_REFRESH_MARGIN": 300,
+    "TOKEN_REFRESH_MARGIN": 300,  # seconds before expiry an access token is treated as expired
     "RESERVED_SHARE": 0.1,  # share of each account's quota kept for transactional mail
     "PRIORITY": "transactional",  # default priority of mail: "transactional" or "bulk"
     # Celery outbox
@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "SWEEP_GRACE": 60,  # seconds a queued row may wait for its task before it is re-enqueued
     "SWEEP_INTERVAL": 60,  # seconds between sweeps in the ready beat schedule
     "SENDING_LEASE": 600,  # seconds a worker may hold a row in "sending" before it is re-queued
-    "POOL_IDLE_CHECK": 30,  # seconds idle after which a pooled connection is probed (NOOP)  # seconds before expiry an access token is treated as expired
+    "POOL_IDLE_CHECK": 30,  # seconds idle after which a pooled connection is probed (NOOP)
 }
 
 SECURITY_CHOICES = ("starttls", "ssl")
@@ -62,7 +62,7 @@ def user_settings() -> Mapping[str, Any]:
 
 
 def get_setting(name: str, options: Mapping[str, Any] | None = None, default: Any = None) -> Any:
-    """Return option ``name`` (upper case) from ``options`` (lower-case keys), GMAIL_SMTP or DEFAULTS."""
+    """Option ``name`` (upper case): from ``options`` (lower-case keys), GMAIL_SMTP, DEFAULTS."""
     if options:
         value = options.get(name.lower())
         if value is not None:

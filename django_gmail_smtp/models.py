@@ -172,6 +172,13 @@ class GmailAccount(models.Model):
     def __repr__(self) -> str:
         return f"<GmailAccount {self.pk} {self.email!r} auth={self.auth_method}>"
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.from_settings:
+            raise ValueError("The account built from EMAIL_HOST_USER is not stored.")
+        self.email = normalize_address(self.email)
+        self.app_password = normalize_app_password(self.app_password)
+        super().save(*args, **kwargs)
+
     # --- addresses -------------------------------------------------------------------------
     def aliases(self) -> list[str]:
         """Send-as aliases, normalized (lower case, no blanks)."""
@@ -216,13 +223,6 @@ class GmailAccount(models.Model):
         if errors:
             raise ValidationError(errors)
 
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        if self.from_settings:
-            raise ValueError("The account built from EMAIL_HOST_USER is not stored.")
-        self.email = normalize_address(self.email)
-        self.app_password = normalize_app_password(self.app_password)
-        super().save(*args, **kwargs)
-
     # --- limits and quota ------------------------------------------------------------------
     def limits(self) -> Limits:
         """The effective limits: the preset's, with any number set on the account instead."""
@@ -253,7 +253,7 @@ class GmailAccount(models.Model):
                 self.release_deferred()
 
     def release_deferred(self) -> int:
-        """Make this account's mail that waited for it to be fixed due now (the sweeper sends it)."""
+        """Make mail that waited for this account to be fixed due now (the sweeper sends it)."""
         if not self.pk:
             return 0
         return OutboundEmail.objects.filter(

@@ -108,8 +108,10 @@ def bar_chart(
     parts = [
         f'<svg class="gms-chart" role="img" viewBox="0 0 {width} {height}" width="{width}" '
         f'height="{height}" xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>',
-        f'<text x="{pad_left - 4}" y="{pad_top + 8}" text-anchor="end" class="gms-axis">{top}</text>',
-        f'<text x="{pad_left - 4}" y="{pad_top + plot_h}" text-anchor="end" class="gms-axis">0</text>',
+        f'<text x="{pad_left - 4}" y="{pad_top + 8}" text-anchor="end" '
+        f'class="gms-axis">{top}</text>',
+        f'<text x="{pad_left - 4}" y="{pad_top + plot_h}" text-anchor="end" '
+        'class="gms-axis">0</text>',
         f'<line x1="{pad_left}" y1="{pad_top + plot_h}" x2="{width - 4}" y2="{pad_top + plot_h}" '
         'class="gms-base"/>',
     ]

@@ -11,7 +11,7 @@ import smtplib
 import ssl
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,10 +151,8 @@ class GmailConnection:
     def _abort(self) -> None:
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
-            try:
+            with suppress(OSError):
                 smtp.close()
-            except OSError:
-                pass
 
     def __enter__(self) -> GmailConnection:
         self.open()
@@ -364,11 +362,15 @@ class GmailConnection:
             ) from None
         except smtplib.SMTPConnectError as exc:
             self._abort()
-            raise classify_reply(exc.smtp_code, exc.smtp_error, phase=phase, account=account)
+            raise classify_reply(
+                exc.smtp_code, exc.smtp_error, phase=phase, account=account
+            ) from None
         except smtplib.SMTPResponseException as exc:
             if exc.smtp_code == 421:
                 self._abort()
-            raise classify_reply(exc.smtp_code, exc.smtp_error, phase=phase, account=account)
+            raise classify_reply(
+                exc.smtp_code, exc.smtp_error, phase=phase, account=account
+            ) from None
         except TimeoutError:
             self._abort()
             raise ConnectionFailed(

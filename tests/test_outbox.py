@@ -50,7 +50,9 @@ def make_due(row):
 def test_queue_stores_exact_message_and_hands_id_on_commit(
     celery_backend, account, django_capture_on_commit_callbacks
 ):
-    message = EmailMultiAlternatives("Grüße", "text", SENDER, ["to@example.net"], bcc=["b@x.example"])
+    message = EmailMultiAlternatives(
+        "Grüße", "text", SENDER, ["to@example.net"], bcc=["b@x.example"]
+    )
     message.attach_alternative("<b>html</b>", "text/html")
     message.attach("a.txt", "attached", "text/plain")
     callbacks = queue(celery_backend, message, capture=django_capture_on_commit_callbacks)
@@ -74,18 +76,26 @@ def test_rolled_back_transaction_sends_nothing(celery_backend, account, sandbox,
 
 def test_bad_input_refused_at_queue_time(celery_backend, account):
     with pytest.raises(InvalidMessage):
-        celery_backend.send_messages([EmailMessage("a\nBcc: x@evil.example", "b", SENDER, ["t@x.example"])])
+        celery_backend.send_messages(
+            [EmailMessage("a\nBcc: x@evil.example", "b", SENDER, ["t@x.example"])]
+        )
     recipients = [f"r{i}@x.example" for i in range(101)]
     with pytest.raises(TooManyRecipients):
         celery_backend.send_messages([EmailMessage("s", "b", SENDER, recipients)])
     assert not OutboundEmail.objects.exists()
 
 
-def test_deliver_sends_once(celery_backend, account, sandbox, pool, django_capture_on_commit_callbacks):
+def test_deliver_sends_once(
+    celery_backend, account, sandbox, pool, django_capture_on_commit_callbacks
+):
     sent = []
     signals.email_sent.connect(lambda **kw: sent.append(kw["outbound"].pk), weak=False)
     try:
-        queue(celery_backend, EmailMessage("s", "b", SENDER, ["t@example.net"]), capture=django_capture_on_commit_callbacks)
+        queue(
+            celery_backend,
+            EmailMessage("s", "b", SENDER, ["t@example.net"]),
+            capture=django_capture_on_commit_callbacks,
+        )
         row = OutboundEmail.objects.get()
         assert outbox.deliver(row.pk, pool=pool) == "sent"
         assert outbox.deliver(row.pk, pool=pool) == "skipped"  # the same task delivered twice
@@ -101,7 +111,11 @@ def test_deliver_sends_once(celery_backend, account, sandbox, pool, django_captu
 def test_temporary_failures_retry_with_backoff_then_succeed(
     celery_backend, account, sandbox, pool, django_capture_on_commit_callbacks
 ):
-    queue(celery_backend, EmailMessage("s", "b", SENDER, ["t@example.net"]), capture=django_capture_on_commit_callbacks)
+    queue(
+        celery_backend,
+        EmailMessage("s", "b", SENDER, ["t@example.net"]),
+        capture=django_capture_on_commit_callbacks,
+    )
     row = OutboundEmail.objects.get()
     sandbox.fault("mail", reply="421 4.7.0 Temporary System Problem. Try again later.", times=3)
     delays = []
@@ -124,7 +138,11 @@ def test_temporary_failures_retry_with_backoff_then_succeed(
 def test_too_many_temporary_failures_fail_with_reason(
     celery_backend, account, sandbox, pool, django_capture_on_commit_callbacks
 ):
-    queue(celery_backend, EmailMessage("s", "b", SENDER, ["t@example.net"]), capture=django_capture_on_commit_callbacks)
+    queue(
+        celery_backend,
+        EmailMessage("s", "b", SENDER, ["t@example.net"]),
+        capture=django_capture_on_commit_callbacks,
+    )
     row = OutboundEmail.objects.get()
     sandbox.fault("data", drop=True, times=None)
     results = []
@@ -134,7 +152,9 @@ def test_too_many_temporary_failures_fail_with_reason(
     assert results == ["retry", "retry", "retry", "failed"]
     row.refresh_from_db()
     assert row.status == Status.FAILED and row.reason == "attempts"
-    assert "Gave up after 4 attempts" in row.last_error and "closed the connection" in row.last_error
+    assert (
+        "Gave up after 4 attempts" in row.last_error and "closed the connection" in row.last_error
+    )
     assert sandbox.deliveries == []
 
 
@@ -161,7 +181,11 @@ def test_gmail_550_defers_and_blocks_account(
     celery_backend, account, sandbox, pool, django_capture_on_commit_callbacks
 ):
     sandbox.set_quota(SENDER, messages=0)
-    queue(celery_backend, EmailMessage("1", "b", SENDER, ["t@example.net"]), capture=django_capture_on_commit_callbacks)
+    queue(
+        celery_backend,
+        EmailMessage("1", "b", SENDER, ["t@example.net"]),
+        capture=django_capture_on_commit_callbacks,
+    )
     row = OutboundEmail.objects.get()
     assert outbox.deliver(row.pk, pool=pool) == "deferred"
     row.refresh_from_db()
@@ -193,7 +217,9 @@ def test_auth_failure_defers_marks_account_and_signals(
     account.refresh_from_db()
     assert account.health == GmailAccount.Health.CREDENTIALS_REJECTED
     first.refresh_from_db()
-    assert first.status == Status.DEFERRED and first.reason == "auth" and first.next_attempt_at is None
+    assert (
+        first.status == Status.DEFERRED and first.reason == "auth" and first.next_attempt_at is None
+    )
     assert "App Password" in first.last_error
 
     # Fix the account: its waiting mail becomes due and the sweeper sends it.
@@ -240,7 +266,9 @@ def test_pool_reuses_one_login_for_a_burst(
     assert sandbox.stats.logins == 1 and sandbox.stats.connections == 1 and pool.logins == 1
 
 
-def test_pool_reconnects_after_421(celery_backend, account, sandbox, pool, django_capture_on_commit_callbacks):
+def test_pool_reconnects_after_421(
+    celery_backend, account, sandbox, pool, django_capture_on_commit_callbacks
+):
     queue(
         celery_backend,
         *[EmailMessage(f"{i}", "b", SENDER, ["t@example.net"]) for i in range(3)],
@@ -254,19 +282,35 @@ def test_pool_reconnects_after_421(celery_backend, account, sandbox, pool, djang
     assert sandbox.stats.connections == 2
 
 
-def test_sweeper_requeues_due_stale_and_expired(celery_backend, account, sandbox, pool, monkeypatch):
+def test_sweeper_requeues_due_stale_and_expired(
+    celery_backend, account, sandbox, pool, monkeypatch
+):
     dispatched = []
-    monkeypatch.setattr(outbox, "dispatch", lambda pk, priority, countdown=None: dispatched.append(pk) or True)
+    monkeypatch.setattr(
+        outbox, "dispatch", lambda pk, priority, countdown=None: dispatched.append(pk) or True
+    )
     long_ago = timezone.now() - timedelta(hours=1)
-    common = {"account": account, "account_email": SENDER, "from_email": SENDER, "recipients": ["t@x.example"], "mime": b"x"}
+    common = {
+        "account": account,
+        "account_email": SENDER,
+        "from_email": SENDER,
+        "recipients": ["t@x.example"],
+        "mime": b"x",
+    }
     never_enqueued = OutboundEmail.objects.create(**common)
     OutboundEmail.objects.filter(pk=never_enqueued.pk).update(created_at=long_ago)
     fresh = OutboundEmail.objects.create(**common)  # within the grace period: left alone
     due = OutboundEmail.objects.create(**common, status=Status.DEFERRED, next_attempt_at=long_ago)
-    later = OutboundEmail.objects.create(**common, status=Status.DEFERRED, next_attempt_at=timezone.now() + timedelta(hours=1))
+    later = OutboundEmail.objects.create(
+        **common, status=Status.DEFERRED, next_attempt_at=timezone.now() + timedelta(hours=1)
+    )
     waiting_for_fix = OutboundEmail.objects.create(**common, status=Status.DEFERRED, reason="auth")
-    dead_worker = OutboundEmail.objects.create(**common, status=Status.SENDING, lease_expires_at=long_ago)
-    busy_worker = OutboundEmail.objects.create(**common, status=Status.SENDING, lease_expires_at=timezone.now() + timedelta(minutes=5))
+    dead_worker = OutboundEmail.objects.create(
+        **common, status=Status.SENDING, lease_expires_at=long_ago
+    )
+    busy_worker = OutboundEmail.objects.create(
+        **common, status=Status.SENDING, lease_expires_at=timezone.now() + timedelta(minutes=5)
+    )
     counts = outbox.sweep()
     assert counts == {"expired_leases": 1, "due": 1, "stale_queued": 2}
     assert sorted(dispatched) == sorted([never_enqueued.pk, due.pk, dead_worker.pk])
@@ -276,7 +320,9 @@ def test_sweeper_requeues_due_stale_and_expired(celery_backend, account, sandbox
         assert row.pk not in dispatched
 
 
-def test_broker_down_keeps_row_queued(celery_backend, account, settings, django_capture_on_commit_callbacks, caplog):
+def test_broker_down_keeps_row_queued(
+    celery_backend, account, settings, django_capture_on_commit_callbacks, caplog
+):
     from tests.celery_app import app
 
     old = app.conf.broker_url
@@ -285,7 +331,10 @@ def test_broker_down_keeps_row_queued(celery_backend, account, settings, django_
     app.amqp._producer_pool = None
     try:
         with django_capture_on_commit_callbacks(execute=True):
-            assert celery_backend.send_messages([EmailMessage("s", "b", SENDER, ["t@example.net"])]) == 1
+            assert (
+                celery_backend.send_messages([EmailMessage("s", "b", SENDER, ["t@example.net"])])
+                == 1
+            )
     finally:
         app.conf.broker_url = old
         app._pool = None
@@ -297,11 +346,21 @@ def test_broker_down_keeps_row_queued(celery_backend, account, settings, django_
 
 def test_outbox_commands_retry_cancel_purge(account, celery_backend, monkeypatch):
     monkeypatch.setattr(outbox, "dispatch", lambda pk, priority, countdown=None: True)
-    common = {"account": account, "account_email": SENDER, "from_email": SENDER, "recipients": ["t@x.example"], "mime": b"body"}
+    common = {
+        "account": account,
+        "account_email": SENDER,
+        "from_email": SENDER,
+        "recipients": ["t@x.example"],
+        "mime": b"body",
+    }
     failed = OutboundEmail.objects.create(**common, status=Status.FAILED, attempts=8)
     queued = OutboundEmail.objects.create(**common)
-    old_sent = OutboundEmail.objects.create(**common, status=Status.SENT, sent_at=timezone.now() - timedelta(days=40))
-    recent_sent = OutboundEmail.objects.create(**common, status=Status.SENT, sent_at=timezone.now() - timedelta(days=10))
+    old_sent = OutboundEmail.objects.create(
+        **common, status=Status.SENT, sent_at=timezone.now() - timedelta(days=40)
+    )
+    recent_sent = OutboundEmail.objects.create(
+        **common, status=Status.SENT, sent_at=timezone.now() - timedelta(days=10)
+    )
     out = __import__("io").StringIO()
     call_command("gmail_smtp", "retry", "--status", "failed", stdout=out)
     failed.refresh_from_db()
@@ -309,7 +368,9 @@ def test_outbox_commands_retry_cancel_purge(account, celery_backend, monkeypatch
     call_command("gmail_smtp", "cancel", str(queued.pk), stdout=out)
     queued.refresh_from_db()
     assert queued.status == Status.CANCELLED
-    call_command("gmail_smtp", "purge", "--delete-sent-after", "30", "--drop-bodies-after", "7", stdout=out)
+    call_command(
+        "gmail_smtp", "purge", "--delete-sent-after", "30", "--drop-bodies-after", "7", stdout=out
+    )
     assert not OutboundEmail.objects.filter(pk=old_sent.pk).exists()
     recent_sent.refresh_from_db()
     assert bytes(recent_sent.mime) == b"" and recent_sent.body_dropped_at is not None

@@ -2,8 +2,9 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import django_gmail_smtp.crypto
 from django.db import migrations, models
+
+import django_gmail_smtp.crypto
 
 
 class Migration(migrations.Migration):

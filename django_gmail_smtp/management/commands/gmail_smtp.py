@@ -363,7 +363,7 @@ class Command(BaseCommand):
             cursor.execute(f"SELECT id, email, {columns} FROM {table}")  # noqa: S608
             for pk, email, *raw in cursor.fetchall():
                 updates = {}
-                for field, value in zip(fields, raw):
+                for field, value in zip(fields, raw, strict=True):
                     if not value or is_current(value):
                         continue
                     try:
