@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class ContactConfig(AppConfig):
+    name = "contact"
+    verbose_name = "Contact form"
