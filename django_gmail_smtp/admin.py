@@ -252,46 +252,34 @@ class GmailAccountAdmin(admin.ModelAdmin):
         if not request.user.has_perm(f"django_gmail_smtp.{codename}"):
             raise PermissionDenied
 
-    def get_actions(self, request: HttpRequest):
-        actions = super().get_actions(request)
-        perms = {
-            "verify": "change_gmailaccount",
-            "refresh_token_action": "change_gmailaccount",
-            "pause": "change_gmailaccount",
-            "resume": "change_gmailaccount",
-            "send_test": "send_test_gmailaccount",
-        }
-        for name, codename in perms.items():
-            if name in actions and not request.user.has_perm(f"django_gmail_smtp.{codename}"):
-                del actions[name]
-        return actions
+    def has_send_test_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("django_gmail_smtp.send_test_gmailaccount")
 
     # --- actions -----------------------------------------------------------------------------
-    @admin.action(description="Verify: connect and log in")
+    @admin.action(description="Verify: connect and log in", permissions=["change"])
     def verify(self, request: HttpRequest, queryset: QuerySet) -> None:
         for account in queryset:
             ok, text = verify_account(account)
             self.message_user(request, text, messages.SUCCESS if ok else messages.ERROR)
 
-    @admin.action(description="Send a test message to me")
+    @admin.action(description="Send a test message to me", permissions=["send_test"])
     def send_test(self, request: HttpRequest, queryset: QuerySet) -> None:
-        self._require(request, "send_test_gmailaccount")
         for account in queryset:
             ok, text = send_test_message(account, request.user)
             self.message_user(request, text, messages.SUCCESS if ok else messages.ERROR)
 
-    @admin.action(description="Refresh the OAuth access token")
+    @admin.action(description="Refresh the OAuth access token", permissions=["change"])
     def refresh_token_action(self, request: HttpRequest, queryset: QuerySet) -> None:
         for account in queryset:
             ok, text = refresh_account_token(account)
             self.message_user(request, text, messages.SUCCESS if ok else messages.ERROR)
 
-    @admin.action(description="Pause sending")
+    @admin.action(description="Pause sending", permissions=["change"])
     def pause(self, request: HttpRequest, queryset: QuerySet) -> None:
         count = queryset.update(is_active=False)
         self.message_user(request, f"Paused {count} account(s); their mail waits in the outbox.")
 
-    @admin.action(description="Resume sending")
+    @admin.action(description="Resume sending", permissions=["change"])
     def resume(self, request: HttpRequest, queryset: QuerySet) -> None:
         count = 0
         for account in queryset.filter(is_active=False):
@@ -638,12 +626,8 @@ class OutboundEmailAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
         return False  # read-only; retry and cancel are actions
 
-    def get_actions(self, request: HttpRequest):
-        actions = super().get_actions(request)
-        if not request.user.has_perm("django_gmail_smtp.retry_outboundemail"):
-            actions.pop("retry_now", None)
-            actions.pop("cancel", None)
-        return actions
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("django_gmail_smtp.retry_outboundemail")
 
     @admin.display(description="subject", ordering="subject")
     def subject_short(self, obj: OutboundEmail) -> str:
@@ -675,16 +659,12 @@ class OutboundEmailAdmin(admin.ModelAdmin):
 
         return message_preview(obj)
 
-    @admin.action(description="Retry now")
+    @admin.action(description="Retry now", permissions=["retry"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet) -> None:
-        if not request.user.has_perm("django_gmail_smtp.retry_outboundemail"):
-            raise PermissionDenied
         count = outbox.retry(queryset)
         self.message_user(request, f"{count} message(s) handed to Celery again.")
 
-    @admin.action(description="Cancel (not sent yet)")
+    @admin.action(description="Cancel (not sent yet)", permissions=["retry"])
     def cancel(self, request: HttpRequest, queryset: QuerySet) -> None:
-        if not request.user.has_perm("django_gmail_smtp.retry_outboundemail"):
-            raise PermissionDenied
         count = outbox.cancel(queryset)
         self.message_user(request, f"{count} message(s) cancelled; sent mail is left as it is.")

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 from django.db import DatabaseError
 
+from .conf import legacy_email_setting
 from .exceptions import GmailConfigurationError
 
 BACKENDS = (
@@ -18,7 +19,7 @@ BACKENDS = (
 
 def backend_in_use() -> bool:
     """True when EMAIL_BACKEND or any MAILERS entry names one of our backends."""
-    if getattr(settings, "EMAIL_BACKEND", "") in BACKENDS:
+    if legacy_email_setting("EMAIL_BACKEND", "") in BACKENDS:
         return True
     mailers = getattr(settings, "MAILERS", None) or {}
     return any((cfg or {}).get("BACKEND") in BACKENDS for cfg in mailers.values())
@@ -44,7 +45,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
                 id="django_gmail_smtp.E002",
             )
         )
-    if getattr(settings, "EMAIL_USE_SSL", False) and getattr(settings, "EMAIL_USE_TLS", False):
+    if legacy_email_setting("EMAIL_USE_SSL", False) and legacy_email_setting(
+        "EMAIL_USE_TLS", False
+    ):
         messages.append(
             Error(
                 "EMAIL_USE_TLS and EMAIL_USE_SSL are both True.",

@@ -75,6 +75,17 @@ def get_setting(name: str, options: Mapping[str, Any] | None = None, default: An
     return default
 
 
+def legacy_email_setting(name: str, default: Any = None) -> Any:
+    """A Django ``EMAIL_*`` setting, unless the project has moved to ``MAILERS``.
+
+    Django 6.1 deprecates the ``EMAIL_*`` settings in favour of ``MAILERS``; a project that
+    defines ``MAILERS`` no longer uses them, so they are not read (nor warned about) then.
+    """
+    if hasattr(settings, "MAILERS"):  # Django >= 6.1 style configuration
+        return default
+    return getattr(settings, name, default)
+
+
 def connection_settings(options: Mapping[str, Any] | None = None) -> tuple[str, int, str]:
     """Return ``(host, port, security)`` with PORT and SECURITY derived from each other."""
     host = get_setting("HOST", options)

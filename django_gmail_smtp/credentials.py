@@ -21,7 +21,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from .conf import GMAIL_SCOPE, GOOGLE_TOKEN_URI, get_setting
+from .conf import GMAIL_SCOPE, GOOGLE_TOKEN_URI, get_setting, legacy_email_setting
 from .crypto import UnreadableSecret
 from .exceptions import (
     ConsentRequired,
@@ -58,8 +58,8 @@ class SMTPCredentials:
 
 def settings_account() -> GmailAccount | None:
     """An unsaved App Password account from EMAIL_HOST_USER / EMAIL_HOST_PASSWORD, if set."""
-    user = getattr(settings, "EMAIL_HOST_USER", "") or ""
-    password = getattr(settings, "EMAIL_HOST_PASSWORD", "") or ""
+    user = legacy_email_setting("EMAIL_HOST_USER", "") or ""
+    password = legacy_email_setting("EMAIL_HOST_PASSWORD", "") or ""
     if not user or not password:
         return None
     account = GmailAccount(
