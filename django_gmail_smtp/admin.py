@@ -24,7 +24,7 @@ from django.utils.crypto import constant_time_compare
 from django.utils.html import format_html
 
 from . import outbox, quota
-from .conf import get_setting
+from .conf import format_time, get_setting
 from .exceptions import GmailSMTPError
 from .models import GmailAccount, OutboundAttempt, OutboundEmail
 
@@ -177,7 +177,7 @@ class GmailAccountAdmin(admin.ModelAdmin):
         if not obj.is_active:
             return format_html('<span class="gms-badge gms-paused">paused</span>')
         if status.exhausted_until:
-            until = timezone.localtime(status.exhausted_until).strftime("%H:%M")
+            until = format_time(status.exhausted_until, "%H:%M")
             return format_html(
                 '<span class="gms-badge gms-quota" title="{}">quota exhausted until {}</span>',
                 status.exhausted_reason,
@@ -221,7 +221,7 @@ class GmailAccountAdmin(admin.ModelAdmin):
     def last_send(self, obj: GmailAccount) -> str:
         if not obj.last_sent_at:
             return "never"
-        return timezone.localtime(obj.last_sent_at).strftime("%Y-%m-%d %H:%M")
+        return format_time(obj.last_sent_at, "%Y-%m-%d %H:%M")
 
     @admin.display(description="active", boolean=True, ordering="is_active")
     def active(self, obj: GmailAccount) -> bool:
@@ -240,7 +240,8 @@ class GmailAccountAdmin(admin.ModelAdmin):
             obj.health, obj.health_detail = GmailAccount.Health.UNKNOWN, ""
             obj.access_token, obj.token_expiry = "", None
         super().save_model(request, obj, form, change)
-        if change and credentials_changed:
+        resumed = change and "is_active" in form.changed_data and obj.is_active
+        if change and (credentials_changed or resumed):
             released = obj.release_deferred()
             if released:
                 self.message_user(
@@ -513,7 +514,7 @@ def refresh_account_token(account: GmailAccount) -> tuple[bool, str]:
         creds = credentials_for(account, force_refresh=True)
     except (GmailSMTPError, ImproperlyConfigured) as exc:
         return False, f"{account.email}: {exc}"
-    until = timezone.localtime(creds.expires_at).strftime("%H:%M") if creds.expires_at else "?"
+    until = format_time(creds.expires_at, "%H:%M")
     return True, f"{account.email}: new access token, valid until {until}."
 
 
@@ -612,6 +613,7 @@ class OutboundEmailAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
         "preview",
+        "preview_hidden",
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
@@ -651,13 +653,25 @@ class OutboundEmailAdmin(admin.ModelAdmin):
     @admin.display(description="sent / next try")
     def when(self, obj: OutboundEmail) -> str:
         moment = obj.sent_at or obj.next_attempt_at
-        return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M") if moment else "-"
+        return format_time(moment, "%Y-%m-%d %H:%M")
 
     @admin.display(description="preview")
     def preview(self, obj: OutboundEmail) -> str:
         from .stats import message_preview
 
         return message_preview(obj)
+
+    @admin.display(description="preview")
+    def preview_hidden(self, obj: OutboundEmail) -> str:
+        return (
+            "Hidden: message bodies hold things like password-reset links; reading them needs "
+            "the permission 'Can read outbound message bodies'."
+        )
+
+    def get_fieldsets(self, request: HttpRequest, obj=None):
+        if request.user.has_perm("django_gmail_smtp.view_body_outboundemail"):
+            return self.fieldsets
+        return (*self.fieldsets[:-1], ("Message", {"fields": ("preview_hidden",)}))
 
     @admin.action(description="Retry now", permissions=["retry"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet) -> None:

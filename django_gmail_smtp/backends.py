@@ -20,11 +20,10 @@ from django.views.decorators.debug import sensitive_variables
 
 from . import quota
 from .conf import get_setting
-from .exceptions import ConnectionFailed, GmailSMTPError, InvalidMessage, QuotaExceeded
+from .exceptions import GmailSMTPError, InvalidMessage, QuotaExceeded
 from .models import GmailAccount, normalize_address, normalize_app_password
-from .routing import Envelope, Router
-from .routing import _key as route_key
-from .transport import GmailConnection, SendResult
+from .routing import Router, account_key
+from .transport import ConnectionPool, SendResult
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ OPTION_NAMES = (
     "ca_file",
     "ehlo_hostname",
     "strict_from",
-    "token_uri",
+    "quota_database",
     "max_recipients_per_message",
     "reserved_share",
 )
@@ -88,12 +87,12 @@ class GmailSMTPBackend(BaseEmailBackend):
                 f"priority must be 'transactional' or 'bulk', not {self.priority!r}."
             )
         self._login_override = (username, password) if username else None
-        self._connections: dict[Any, GmailConnection] = {}
+        self._pool = ConnectionPool(self.options)
         self._keep_open = False
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} alias={self.alias!r} connections={len(self._connections)}>"
+        return f"<{type(self).__name__} alias={self.alias!r} {self._pool!r}>"
 
     # --- connection lifecycle ------------------------------------------------------------------
     def open(self) -> bool:
@@ -110,20 +109,8 @@ class GmailSMTPBackend(BaseEmailBackend):
     def close(self) -> None:
         """Close every open connection (QUIT); never raises."""
         with self._lock:
-            connections, self._connections = self._connections, {}
             self._keep_open = False
-        for connection in connections.values():
-            connection.close()
-
-    def _connection_for(self, account: GmailAccount) -> GmailConnection:
-        key = route_key(account)
-        connection = self._connections.get(key)
-        if connection is None:
-            connection = GmailConnection(account, self.options)
-            self._connections[key] = connection
-        if not connection.is_open:
-            connection.open()
-        return connection
+            self._pool.close()
 
     # --- sending ---------------------------------------------------------------------------------
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
@@ -152,7 +139,11 @@ class GmailSMTPBackend(BaseEmailBackend):
         return sent
 
     def _router(self) -> Router:
-        router = Router(account=self.account_address, options=self.options)
+        router = Router(
+            account=self.account_address,
+            options=self.options,
+            include_paused=isinstance(self, CeleryGmailBackend),
+        )
         if self._login_override is not None:
             account = _explicit_account(*self._login_override)
             router._accounts = [account]
@@ -161,25 +152,28 @@ class GmailSMTPBackend(BaseEmailBackend):
 
     def _send(self, router: Router, message: EmailMessage) -> SendResult:
         """Route, reserve quota, send, record: failing over to another account on quota."""
-        priority = message_priority(message, self.priority)
+        priority = quota.message_priority(message, self.priority)
         envelope = router.route(message)
         tried: list[Any] = []
         while True:
             assert envelope is not None
             try:
                 reservation = quota.reserve(
-                    envelope.account, len(envelope.recipients), priority=priority
+                    envelope.account,
+                    len(envelope.recipients),
+                    priority=priority,
+                    options=self.options,
                 )
                 try:
-                    result = self._deliver(envelope)
+                    result = self._pool.send(envelope)
                 except BaseException:
                     reservation.release()  # Gmail did not accept it: not counted
                     raise
                 break
             except QuotaExceeded as exc:
                 if exc.limit == "gmail" and exc.phase != "quota":
-                    quota.mark_exhausted(envelope.account, exc.reply)
-                tried.append(route_key(envelope.account))
+                    quota.mark_exhausted(envelope.account, exc.reply, self.options)
+                tried.append(account_key(envelope.account))
                 alternative = router.route(message, exclude=tried)
                 if alternative is None:
                     raise
@@ -198,20 +192,6 @@ class GmailSMTPBackend(BaseEmailBackend):
             "from_rewritten": envelope.from_rewritten,
         }
         return result
-
-    def _deliver(self, envelope: Envelope) -> SendResult:
-        key = route_key(envelope.account)
-        reused = key in self._connections and self._connections[key].is_open
-        connection = self._connection_for(envelope.account)
-        try:
-            return connection.send(envelope)
-        except ConnectionFailed as exc:
-            # An idle connection kept open between calls may have been closed by Gmail; a
-            # drop before DATA means nothing was sent, so one fresh connection is safe.
-            if not reused or exc.phase not in ("mail", "rcpt"):
-                raise
-            connection.close()
-            return self._connection_for(envelope.account).send(envelope)
 
 
 class CeleryGmailBackend(GmailSMTPBackend):
@@ -256,16 +236,6 @@ class CeleryGmailBackend(GmailSMTPBackend):
             else:
                 queued += 1
         return queued
-
-
-def message_priority(message: EmailMessage, default: str) -> str:
-    """A message's priority: its ``gmail_priority`` attribute, else the connection's."""
-    priority = getattr(message, "gmail_priority", None) or default
-    if priority not in quota.PRIORITIES:
-        raise InvalidMessage(
-            f"gmail_priority is {priority!r}; use 'transactional' or 'bulk'", phase="quota"
-        )
-    return priority
 
 
 @sensitive_variables("password")

@@ -55,7 +55,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
                 id="django_gmail_smtp.E003",
             )
         )
-    keys = (getattr(settings, "GMAIL_SMTP", None) or {}).get("ENCRYPTION_KEYS")
+    keys = user_settings().get("ENCRYPTION_KEYS")
     if keys is None and not settings.DEBUG and backend_in_use():
         messages.append(
             Warning(
@@ -76,6 +76,47 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
             fernet()
         except GmailConfigurationError as exc:
             messages.append(Error(str(exc), id="django_gmail_smtp.E004"))
+    messages.extend(_check_outbox_settings())
+    return messages
+
+
+def _check_outbox_settings() -> list:
+    from django.db import connections
+
+    from .conf import get_setting
+
+    messages: list = []
+    lease, timeout = float(get_setting("SENDING_LEASE")), float(get_setting("TIMEOUT"))
+    # One send can wait TIMEOUT several times (connect, TLS, AUTH, MAIL, DATA, the reply).
+    if lease < 8 * timeout:
+        messages.append(
+            Warning(
+                f'GMAIL_SMTP["SENDING_LEASE"] ({lease:g} s) is short next to TIMEOUT '
+                f"({timeout:g} s): a slow send could outlast its lease and be sent twice.",
+                hint="Keep SENDING_LEASE at least 8 x TIMEOUT (the defaults are 600 and 30).",
+                id="django_gmail_smtp.W005",
+            )
+        )
+    alias = str(get_setting("QUOTA_DATABASE") or "default")
+    db = settings.DATABASES.get(alias, {})
+    uses_sync = legacy_email_setting("EMAIL_BACKEND", "") == BACKENDS[0] or any(
+        (cfg or {}).get("BACKEND") == BACKENDS[0]
+        for cfg in (getattr(settings, "MAILERS", None) or {}).values()
+    )
+    sqlite = "sqlite" in db.get("ENGINE", "")
+    if uses_sync and db.get("ATOMIC_REQUESTS") and alias in connections and not sqlite:
+        messages.append(
+            Warning(
+                f"ATOMIC_REQUESTS is on for the database {alias!r} that keeps the quota "
+                "ledger, so GmailSMTPBackend reserves quota inside each request's "
+                "transaction: a request that fails after sending loses the count, and "
+                "the account's ledger lock is held until the request ends.",
+                hint="Add a second alias for the same database (without ATOMIC_REQUESTS) "
+                'and set GMAIL_SMTP["QUOTA_DATABASE"] to it, or send with '
+                "CeleryGmailBackend.",
+                id="django_gmail_smtp.W006",
+            )
+        )
     return messages
 
 

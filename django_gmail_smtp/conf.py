@@ -8,9 +8,11 @@ the default below.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.utils import timezone
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/v2/auth"
@@ -32,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "STRICT_FROM": False,
     "MAX_RECIPIENTS_PER_MESSAGE": 100,
     "TOKEN_REFRESH_MARGIN": 300,  # seconds before expiry an access token is treated as expired
+    "QUOTA_DATABASE": None,  # database alias of the quota ledger; None: "default"
     "RESERVED_SHARE": 0.1,  # share of each account's quota kept for transactional mail
     "PRIORITY": "transactional",  # default priority of mail: "transactional" or "bulk"
     # Celery outbox
@@ -43,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "SWEEP_INTERVAL": 60,  # seconds between sweeps in the ready beat schedule
     "SENDING_LEASE": 600,  # seconds a worker may hold a row in "sending" before it is re-queued
     "POOL_IDLE_CHECK": 30,  # seconds idle after which a pooled connection is probed (NOOP)
+    "BODY_RETENTION_DAYS": 7,  # the sweeper drops bodies of mail sent longer ago; None: keep
 }
 
 SECURITY_CHOICES = ("starttls", "ssl")
@@ -73,6 +77,18 @@ def get_setting(name: str, options: Mapping[str, Any] | None = None, default: An
     if name in DEFAULTS and DEFAULTS[name] is not None:
         return DEFAULTS[name]
     return default
+
+
+def local(moment: datetime) -> datetime:
+    """``moment`` in the current time zone (aware with USE_TZ, already local without)."""
+    return timezone.localtime(moment) if timezone.is_aware(moment) else moment
+
+
+def format_time(moment: datetime | None, fmt: str = "%Y-%m-%d %H:%M %Z") -> str:
+    """A moment for people to read, in the current time zone; "-" for None."""
+    if moment is None:
+        return "-"
+    return local(moment).strftime(fmt).strip()
 
 
 def legacy_email_setting(name: str, default: Any = None) -> Any:

@@ -111,12 +111,13 @@ def credentials_for(
     )
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
+def _from_google(expiry: datetime | None) -> datetime | None:
+    """google-auth's expiry (naive UTC) as Django stores times (aware, or naive local)."""
+    if expiry is None:
         return None
-    if timezone.is_naive(value):
-        value = value.replace(tzinfo=dt_timezone.utc)
-    return value if settings.USE_TZ else timezone.make_naive(value, dt_timezone.utc)
+    if timezone.is_naive(expiry):
+        expiry = expiry.replace(tzinfo=dt_timezone.utc)
+    return expiry if settings.USE_TZ else timezone.make_naive(expiry)
 
 
 def _token_valid(account: GmailAccount) -> bool:
@@ -125,9 +126,7 @@ def _token_valid(account: GmailAccount) -> bool:
     if account.token_expiry is None:
         return False
     margin = timedelta(seconds=int(get_setting("TOKEN_REFRESH_MARGIN")))
-    expiry = _aware(account.token_expiry)
-    now = timezone.now()
-    return expiry is not None and expiry > now + margin
+    return account.token_expiry > timezone.now() + margin
 
 
 @sensitive_variables("token", "rejected")
@@ -136,7 +135,7 @@ def _oauth_credentials(
 ) -> SMTPCredentials:
     if not force_refresh and _token_valid(account):
         token = account.access_token
-        return SMTPCredentials(account.email, "XOAUTH2", token, _aware(account.token_expiry))
+        return SMTPCredentials(account.email, "XOAUTH2", token, account.token_expiry)
     try:
         if account.pk is None:
             _refresh(account)
@@ -156,7 +155,7 @@ def _oauth_credentials(
         account.mark_health(exc.health, exc.detail)
         raise
     token = account.access_token
-    return SMTPCredentials(account.email, "XOAUTH2", token, _aware(account.token_expiry))
+    return SMTPCredentials(account.email, "XOAUTH2", token, account.token_expiry)
 
 
 def parse_service_account_key(raw: str) -> dict[str, Any]:
@@ -244,7 +243,7 @@ def _refresh(account: GmailAccount) -> None:
         ) from None
 
     account.access_token = creds.token
-    account.token_expiry = _aware(creds.expiry)
+    account.token_expiry = _from_google(creds.expiry)
     update_fields = ["access_token", "token_expiry", "health", "health_detail"]
     new_refresh = getattr(creds, "refresh_token", None)
     if new_refresh and new_refresh != account.refresh_token:

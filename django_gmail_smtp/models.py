@@ -227,10 +227,14 @@ class GmailAccount(models.Model):
     def limits(self) -> Limits:
         """The effective limits: the preset's, with any number set on the account instead."""
         preset = PRESETS.get(self.limits_preset, PRESETS[LimitsPreset.GMAIL])
+
+        def pick(own: int | None, default: int | None) -> int | None:
+            return default if own is None else own
+
         return Limits(
-            messages=self.daily_limit or preset.messages,
-            recipients=self.daily_recipient_limit or preset.recipients,
-            per_message=self.per_message_recipient_limit or preset.per_message,
+            messages=pick(self.daily_limit, preset.messages),
+            recipients=pick(self.daily_recipient_limit, preset.recipients),
+            per_message=pick(self.per_message_recipient_limit, preset.per_message),
         )
 
     def quota_status(self):  # -> quota.QuotaStatus
@@ -257,7 +261,7 @@ class GmailAccount(models.Model):
         if not self.pk:
             return 0
         return OutboundEmail.objects.filter(
-            account=self,
+            Q(account=self) | Q(account__isnull=True, account_email=normalize_address(self.email)),
             status=OutboundEmail.Status.DEFERRED,
             reason__in=[OutboundEmail.Reason.AUTH, OutboundEmail.Reason.CONFIG],
         ).update(next_attempt_at=timezone.now())
@@ -415,7 +419,10 @@ class OutboundEmail(models.Model):
             models.Index(fields=["status", "next_attempt_at"], name="gmail_smtp_outbox_due"),
             models.Index(fields=["account", "status"], name="gmail_smtp_outbox_account"),
         ]
-        permissions = [("retry_outboundemail", "Can retry or cancel outbound email")]
+        permissions = [
+            ("retry_outboundemail", "Can retry or cancel outbound email"),
+            ("view_body_outboundemail", "Can read outbound message bodies"),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.subject[:60]!r} -> {len(self.recipients)} recipient(s)"

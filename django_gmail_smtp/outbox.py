@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -47,10 +47,6 @@ Reason = OutboundEmail.Reason
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _setting(name: str, options: Mapping[str, Any] | None = None) -> Any:
-    return get_setting(name, options)
-
-
 # --- queueing ----------------------------------------------------------------------------------
 
 
@@ -62,15 +58,13 @@ def queue_messages(
     using: str | None = None,
 ) -> list[OutboundEmail]:
     """Store each message in the outbox and enqueue its id when the transaction commits."""
-    from .backends import message_priority
-
     rows = []
     for message in messages:
         envelope = router.route(message)
         assert envelope is not None
         row = OutboundEmail.objects.using(using).create(
             status=Status.QUEUED,
-            priority=message_priority(message, priority),
+            priority=quota.message_priority(message, priority),
             account=envelope.account if envelope.account.pk else None,
             account_email=envelope.account.email,
             from_email=envelope.mail_from,
@@ -89,7 +83,7 @@ def queue_messages(
 
 
 def queue_name(priority: str) -> str:
-    queues = _setting("QUEUES")
+    queues = get_setting("QUEUES")
     return str(queues.get(priority) or queues[OutboundEmail.Priority.TRANSACTIONAL])
 
 
@@ -127,8 +121,8 @@ def dispatch(outbound_id: int, priority: str, countdown: float | None = None) ->
 
 
 def _backoff(attempts: int) -> float:
-    base = float(_setting("RETRY_BASE_DELAY"))
-    cap = float(_setting("RETRY_MAX_DELAY"))
+    base = float(get_setting("RETRY_BASE_DELAY"))
+    cap = float(get_setting("RETRY_MAX_DELAY"))
     delay = min(cap, base * 2 ** max(0, attempts - 1))
     return random.uniform(delay / 2, delay)  # "equal jitter": spread retries, keep a floor
 
@@ -136,6 +130,11 @@ def _backoff(attempts: int) -> float:
 def _account_for(row: OutboundEmail) -> GmailAccount | None:
     if row.account is not None:
         return row.account
+    # The account was deleted (the link is gone) and perhaps added again: find it by address.
+    account = GmailAccount.objects.filter(email=normalize_address(row.account_email)).first()
+    if account is not None:
+        OutboundEmail.objects.filter(pk=row.pk).update(account=account)
+        return account
     fallback = settings_account()
     if fallback is not None and fallback.email == normalize_address(row.account_email):
         return fallback
@@ -173,15 +172,27 @@ class _Delivery:
         )
 
     def sent(self, account: GmailAccount, result: SendResult) -> str:
-        self._finish(
-            status=Status.SENT,
-            sent_at=timezone.now(),
-            gmail_reply=result.reply[:2000],
-            refused_recipients={r: list(v) for r, v in result.refused.items()},
-            reason=Reason.NONE,
-            last_error="",
-            next_attempt_at=None,
-        )
+        fields = {
+            "status": Status.SENT,
+            "sent_at": timezone.now(),
+            "gmail_reply": result.reply[:2000],
+            "refused_recipients": {r: list(v) for r, v in result.refused.items()},
+            "reason": Reason.NONE,
+            "last_error": "",
+            "next_attempt_at": None,
+            "lease_expires_at": None,
+        }
+        if not self._finish(**fields):
+            # The send outlasted the lease and the sweeper re-queued the row: record it as
+            # sent anyway, unless another worker has claimed it meanwhile.
+            logger.warning(
+                "Outbound email %s was sent after its lease ran out (SENDING_LEASE is too short "
+                "for this send)",
+                self.row.pk,
+            )
+            OutboundEmail.objects.filter(
+                pk=self.row.pk, status__in=[Status.QUEUED, Status.DEFERRED]
+            ).update(**fields)
         self._log(OutboundAttempt.Outcome.SENT, code=250, reply=result.reply, phase="data")
         account.mark_sent()
         signals.email_sent.send(
@@ -215,7 +226,7 @@ class _Delivery:
         attempts = self.row.attempts + 1
         code = getattr(error, "smtp_code", None)
         phase = getattr(error, "phase", None) or ""
-        if attempts >= int(_setting("MAX_ATTEMPTS")):
+        if attempts >= int(get_setting("MAX_ATTEMPTS")):
             return self.fail(
                 Reason.ATTEMPTS,
                 f"Gave up after {attempts} attempts; the last one: {text}",
@@ -260,7 +271,7 @@ class _Delivery:
 def claim(outbound_id: int, worker: str) -> OutboundEmail | None:
     """Atomically take a due row for sending; None if another delivery has it or it is done."""
     now = timezone.now()
-    lease = timedelta(seconds=float(_setting("SENDING_LEASE")))
+    lease = timedelta(seconds=float(get_setting("SENDING_LEASE")))
     claimed = (
         OutboundEmail.objects.filter(pk=outbound_id, status__in=[Status.QUEUED, Status.DEFERRED])
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
@@ -299,9 +310,11 @@ def deliver(outbound_id: int, *, pool: ConnectionPool, worker: str = WORKER_ID) 
     try:
         reservation = quota.reserve(account, len(row.recipients), priority=row.priority)
     except QuotaExceeded as exc:
+        if exc.next_slot_at is None:  # the message alone is over a daily limit
+            return delivery.fail(Reason.PERMANENT, str(exc), exc)
         return delivery.defer(Reason.QUOTA, str(exc), exc.next_slot_at, exc)
-    except GmailSMTPError as exc:
-        return delivery.fail(Reason.PERMANENT, str(exc), exc)
+    except BaseException as exc:  # a bad setting, a database error: recorded, not lost
+        return _failed_send(delivery, account, exc)
 
     envelope = Envelope(
         account=account,
@@ -344,12 +357,14 @@ def _failed_send(delivery: _Delivery, account: GmailAccount, exc: BaseException)
 def sweep(*, limit: int = 1000) -> dict[str, int]:
     """Re-enqueue what is due; return counts (``due``, ``stale_queued``, ``expired_leases``)."""
     now = timezone.now()
-    grace = timedelta(seconds=float(_setting("SWEEP_GRACE")))
+    grace = timedelta(seconds=float(get_setting("SWEEP_GRACE")))
     expired = OutboundEmail.objects.filter(status=Status.SENDING, lease_expires_at__lt=now)
     expired_ids = list(expired.values_list("pk", flat=True)[:limit])
     if expired_ids:
         # The worker died mid-send (the only duplicate window): send again.
-        OutboundEmail.objects.filter(pk__in=expired_ids, status=Status.SENDING).update(
+        OutboundEmail.objects.filter(
+            pk__in=expired_ids, status=Status.SENDING, lease_expires_at__lt=now
+        ).update(
             status=Status.QUEUED,
             lease_expires_at=None,
             next_attempt_at=None,
@@ -372,8 +387,11 @@ def sweep(*, limit: int = 1000) -> dict[str, int]:
         | Q(pk__in=expired_ids)
     )
     counts = {"expired_leases": len(expired_ids), "due": 0, "stale_queued": 0}
+    retention = get_setting("BODY_RETENTION_DAYS")
+    if retention is not None:
+        purge(delete_sent_after=None, drop_bodies_after=timedelta(days=float(retention)))
     for name, queryset in (("due", due_deferred), ("stale_queued", stale_queued)):
-        for pk, priority in queryset.order_by("priority", "pk").values_list("pk", "priority")[
+        for pk, priority in queryset.order_by("-priority", "pk").values_list("pk", "priority")[
             :limit
         ]:
             if dispatch(pk, priority):
@@ -404,12 +422,14 @@ def select(
 
 def retry(queryset) -> int:
     """Make failed, deferred or cancelled rows due now and enqueue them; return how many."""
+    retryable = [Status.FAILED, Status.DEFERRED, Status.CANCELLED, Status.QUEUED]
     rows = list(
-        queryset.filter(
-            status__in=[Status.FAILED, Status.DEFERRED, Status.CANCELLED, Status.QUEUED]
-        ).values_list("pk", "priority")
+        queryset.filter(status__in=retryable, mime__isnull=False)
+        .exclude(body_dropped_at__isnull=False)
+        .values_list("pk", "priority")
     )
-    OutboundEmail.objects.filter(pk__in=[pk for pk, _ in rows]).update(
+    # Filter on status again: a row a worker claimed meanwhile is left to it.
+    OutboundEmail.objects.filter(pk__in=[pk for pk, _ in rows], status__in=retryable).update(
         status=Status.QUEUED,
         next_attempt_at=None,
         attempts=0,

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, transaction
 from django.db.models import F, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from .conf import get_setting
+from .conf import format_time, get_setting
 from .exceptions import QuotaExceeded, TooManyRecipients
 from .models import GmailAccount, Limits, QuotaBucket, QuotaDay, SenderQuota, normalize_address
 
@@ -76,13 +76,15 @@ class Reservation:
     minute: datetime
     messages: int
     recipients: int
+    db: str = DEFAULT_DB_ALIAS
     released: bool = False
 
     def release(self) -> None:
         if self.released:
             return
         self.released = True
-        QuotaBucket.objects.filter(quota_id=self.quota_id, minute=self.minute).update(
+        db = self.db
+        QuotaBucket.objects.using(db).filter(quota_id=self.quota_id, minute=self.minute).update(
             messages=F("messages") - self.messages, recipients=F("recipients") - self.recipients
         )
 
@@ -119,6 +121,17 @@ class QuotaStatus:
         return self.exhausted_until is not None
 
 
+def ledger_db(options: Mapping[str, Any] | None = None) -> str:
+    """The database alias the ledger is kept in (``QUOTA_DATABASE``, default "default").
+
+    A reservation is written in its own transaction on this alias. Point it at a second alias
+    of the same database when mail is sent inside request transactions (ATOMIC_REQUESTS), so a
+    reservation survives the request's rollback and its lock is not held until the request
+    ends (a system check warns about this).
+    """
+    return str(get_setting("QUOTA_DATABASE", options) or DEFAULT_DB_ALIAS)
+
+
 def reserved_share(options: Mapping[str, Any] | None = None) -> float:
     share = float(get_setting("RESERVED_SHARE", options))
     if not 0 <= share < 1:
@@ -140,25 +153,29 @@ def _caps(limits: Limits, priority: str, share: float) -> tuple[int, int | None]
     return limits.messages, limits.recipients
 
 
-def _lock(address: str) -> tuple[int, datetime | None, str]:
+def _lock(address: str, db: str) -> tuple[int, datetime | None, str]:
     """Take the address's ledger lock (creating its row once); return id and exhaustion."""
     for _attempt in range(2):
-        if SenderQuota.objects.filter(address=address).update(version=F("version") + 1):
-            row = SenderQuota.objects.filter(address=address).values_list(
-                "id", "exhausted_until", "exhausted_reason"
+        if SenderQuota.objects.using(db).filter(address=address).update(version=F("version") + 1):
+            row = (
+                SenderQuota.objects.using(db)
+                .filter(address=address)
+                .values_list("id", "exhausted_until", "exhausted_reason")
             )
             return row.get()
         try:
-            with transaction.atomic():
-                SenderQuota.objects.create(address=address)
+            with transaction.atomic(using=db):
+                SenderQuota.objects.using(db).create(address=address)
         except IntegrityError:
             pass  # another process created it first; lock it on the next turn
     raise RuntimeError(f"could not lock the quota ledger of {address}")
 
 
-def _used(quota_id: int, at: datetime) -> tuple[int, int]:
-    totals = QuotaBucket.objects.filter(quota_id=quota_id, minute__gt=_window_floor(at)).aggregate(
-        m=Sum("messages"), r=Sum("recipients")
+def _used(quota_id: int, at: datetime, db: str) -> tuple[int, int]:
+    totals = (
+        QuotaBucket.objects.using(db)
+        .filter(quota_id=quota_id, minute__gt=_window_floor(at))
+        .aggregate(m=Sum("messages"), r=Sum("recipients"))
     )
     return totals["m"] or 0, totals["r"] or 0
 
@@ -167,6 +184,7 @@ def _next_slot(
     quota_id: int,
     at: datetime,
     *,
+    db: str,
     used: tuple[int, int],
     need: tuple[int, int],
     caps: tuple[int, int | None],
@@ -178,7 +196,8 @@ def _next_slot(
     if need_m > cap_m or (cap_r is not None and need_r > cap_r):
         return None
     buckets = (
-        QuotaBucket.objects.filter(quota_id=quota_id, minute__gt=_window_floor(at))
+        QuotaBucket.objects.using(db)
+        .filter(quota_id=quota_id, minute__gt=_window_floor(at))
         .order_by("minute")
         .values_list("minute", "messages", "recipients")
     )
@@ -188,6 +207,18 @@ def _next_slot(
         if used_m + need_m <= cap_m and (cap_r is None or used_r + need_r <= cap_r):
             return minute + WINDOW + BUCKET
     return at
+
+
+def message_priority(message: Any, default: str) -> str:
+    """A message's priority: its ``gmail_priority`` attribute, else ``default``."""
+    priority = getattr(message, "gmail_priority", None) or default
+    if priority not in PRIORITIES:
+        from .exceptions import InvalidMessage
+
+        raise InvalidMessage(
+            f"gmail_priority is {priority!r}; use 'transactional' or 'bulk'", phase="quota"
+        )
+    return priority
 
 
 def _address(account: GmailAccount) -> str:
@@ -219,8 +250,9 @@ def reserve(
         )
     caps = _caps(limits, priority, reserved_share(options))
     at = now()
-    with transaction.atomic():
-        quota_id, exhausted_until, reason = _lock(address)
+    db = ledger_db(options)
+    with transaction.atomic(using=db):
+        quota_id, exhausted_until, reason = _lock(address, db)
         if exhausted_until is not None and exhausted_until > at:
             raise QuotaExceeded(
                 f"{address} is blocked by Gmail's sending limit until "
@@ -230,10 +262,10 @@ def reserve(
                 account=address,
                 phase="quota",
             )
-        used = _used(quota_id, at)
+        used = _used(quota_id, at, db)
         over = _over(used, (1, recipients), caps)
         if over:
-            slot = _next_slot(quota_id, at, used=used, need=(1, recipients), caps=caps)
+            slot = _next_slot(quota_id, at, db=db, used=used, need=(1, recipients), caps=caps)
             raise QuotaExceeded(
                 _over_text(address, over, used, caps, priority, slot),
                 limit=over,
@@ -242,21 +274,23 @@ def reserve(
                 phase="quota",
             )
         minute = _minute(at)
-        updated = QuotaBucket.objects.filter(quota_id=quota_id, minute=minute).update(
-            messages=F("messages") + 1, recipients=F("recipients") + recipients
+        updated = (
+            QuotaBucket.objects.using(db)
+            .filter(quota_id=quota_id, minute=minute)
+            .update(messages=F("messages") + 1, recipients=F("recipients") + recipients)
         )
         if not updated:
-            QuotaBucket.objects.create(
+            QuotaBucket.objects.using(db).create(
                 quota_id=quota_id, minute=minute, messages=1, recipients=recipients
             )
             # A new minute: roll what has left the window into per-day totals, then drop it.
-            _roll_up(quota_id, at - KEEP)
-    return Reservation(quota_id, address, minute, 1, recipients)
+            _roll_up(quota_id, at - KEEP, db)
+    return Reservation(quota_id, address, minute, 1, recipients, db)
 
 
-def _roll_up(quota_id: int, before: datetime) -> None:
+def _roll_up(quota_id: int, before: datetime, db: str) -> None:
     """Move buckets older than ``before`` into QuotaDay rows (usually one bucket, one day)."""
-    old = QuotaBucket.objects.filter(quota_id=quota_id, minute__lt=before)
+    old = QuotaBucket.objects.using(db).filter(quota_id=quota_id, minute__lt=before)
     days = list(
         old.annotate(day=TruncDate("minute"))
         .values("day")
@@ -266,11 +300,13 @@ def _roll_up(quota_id: int, before: datetime) -> None:
     if not days:
         return
     for row in days:
-        updated = QuotaDay.objects.filter(quota_id=quota_id, day=row["day"]).update(
-            messages=F("messages") + row["m"], recipients=F("recipients") + row["r"]
+        updated = (
+            QuotaDay.objects.using(db)
+            .filter(quota_id=quota_id, day=row["day"])
+            .update(messages=F("messages") + row["m"], recipients=F("recipients") + row["r"])
         )
         if not updated:
-            QuotaDay.objects.create(
+            QuotaDay.objects.using(db).create(
                 quota_id=quota_id, day=row["day"], messages=row["m"], recipients=row["r"]
             )
     old.delete()
@@ -287,7 +323,7 @@ def _over(used: tuple[int, int], need: tuple[int, int], caps: tuple[int, int | N
 def _fmt(moment: datetime | None) -> str:
     if moment is None:
         return "never (the message alone is over the limit)"
-    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M %Z")
+    return format_time(moment)
 
 
 def _over_text(
@@ -306,7 +342,9 @@ def _over_text(
     )
 
 
-def mark_exhausted(account: GmailAccount, reply: str = "") -> datetime:
+def mark_exhausted(
+    account: GmailAccount, reply: str = "", options: Mapping[str, Any] | None = None
+) -> datetime:
     """Gmail answered 550 5.4.5: block the account until its window frees; return until when.
 
     If the ledger shows the account full, it is blocked until the oldest send leaves the
@@ -315,19 +353,25 @@ def mark_exhausted(account: GmailAccount, reply: str = "") -> datetime:
     address = _address(account)
     at = now()
     limits = account.limits()
-    with transaction.atomic():
-        quota_id, current, _reason = _lock(address)
-        used = _used(quota_id, at)
+    db = ledger_db(options)
+    with transaction.atomic(using=db):
+        quota_id, current, _reason = _lock(address, db)
+        used = _used(quota_id, at, db)
         if _over(used, (1, 0), (limits.messages, limits.recipients)):
             until = _next_slot(
-                quota_id, at, used=used, need=(1, 0), caps=(limits.messages, limits.recipients)
+                quota_id,
+                at,
+                db=db,
+                used=used,
+                need=(1, 0),
+                caps=(limits.messages, limits.recipients),
             )
         else:
             until = None
         until = max(until or at + WINDOW, at + BUCKET)
         if current and current > until:
             until = current
-        SenderQuota.objects.filter(pk=quota_id).update(
+        SenderQuota.objects.using(db).filter(pk=quota_id).update(
             exhausted_until=until,
             exhausted_reason=f"Gmail answered {' '.join(reply.split())[:200]}"
             if reply
@@ -343,27 +387,29 @@ def quota_status(account: GmailAccount, options: Mapping[str, Any] | None = None
     limits = account.limits()
     share = reserved_share(options)
     at = now()
-    row = SenderQuota.objects.filter(address=address).values_list(
-        "id", "exhausted_until", "exhausted_reason"
+    db = ledger_db(options)
+    row = (
+        SenderQuota.objects.using(db)
+        .filter(address=address)
+        .values_list("id", "exhausted_until", "exhausted_reason")
     )
     quota_id, exhausted_until, reason = row.first() or (None, None, "")
-    used = _used(quota_id, at) if quota_id else (0, 0)
+    used = _used(quota_id, at, db) if quota_id else (0, 0)
     if exhausted_until is not None and exhausted_until <= at:
         exhausted_until, reason = None, ""
     caps = (limits.messages, limits.recipients)
     next_slot = None
     if quota_id and used[0]:
         oldest = (
-            QuotaBucket.objects.filter(
-                quota_id=quota_id, minute__gt=_window_floor(at), messages__gt=0
-            )
+            QuotaBucket.objects.using(db)
+            .filter(quota_id=quota_id, minute__gt=_window_floor(at), messages__gt=0)
             .order_by("minute")
             .values_list("minute", flat=True)
             .first()
         )
         next_slot = oldest + WINDOW + BUCKET if oldest else None
     if exhausted_until is None and _over(used, (1, 0), caps) and quota_id:
-        exhausted_until = _next_slot(quota_id, at, used=used, need=(1, 0), caps=caps)
+        exhausted_until = _next_slot(quota_id, at, db=db, used=used, need=(1, 0), caps=caps)
         reason = "the quota ledger is full"
     if exhausted_until is not None:
         next_slot = exhausted_until

@@ -50,7 +50,7 @@ class Envelope:
         )
 
 
-def _key(account: GmailAccount) -> Any:
+def account_key(account: GmailAccount) -> Any:
     """A stable identity for an account, saved or not (the EMAIL_HOST_USER fallback)."""
     return account.pk or ("settings", account.email)
 
@@ -66,17 +66,31 @@ def _has_header(message: EmailMessage, name: str) -> bool:
 
 
 class Router:
-    """Choose accounts by From address. Build one per batch; it caches the account list."""
+    """Choose accounts by From address. Build one per batch; it caches the account list.
 
-    def __init__(self, *, account: str | None = None, options: Mapping[str, Any] | None = None):
+    ``include_paused``: paused (inactive) accounts may be chosen too, after active ones; the
+    outbox uses this so mail for a paused account waits for it instead of being refused.
+    """
+
+    def __init__(
+        self,
+        *,
+        account: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        include_paused: bool = False,
+    ):
         self.forced = normalize_address(account) if account else None
         self.strict = bool(get_setting("STRICT_FROM", options))
         self.max_recipients = int(get_setting("MAX_RECIPIENTS_PER_MESSAGE", options))
+        self.include_paused = include_paused
         self._accounts: list[GmailAccount] | None = None
 
     def accounts(self) -> list[GmailAccount]:
         if self._accounts is None:
-            self._accounts = list(GmailAccount.objects.active().order_by("-is_default", "pk"))
+            accounts = GmailAccount.objects.all()
+            if not self.include_paused:
+                accounts = accounts.filter(is_active=True)
+            self._accounts = list(accounts.order_by("-is_active", "-is_default", "pk"))
             if not self._accounts:
                 fallback = settings_account()
                 if fallback is not None:
@@ -89,7 +103,7 @@ class Router:
         accounts = self.accounts()
         own = [a for a in accounts if normalize_address(a.email) == address]
         aliased = [a for a in accounts if a not in own and address in a.aliases()]
-        return own + aliased
+        return sorted(own + aliased, key=lambda a: not a.is_active)  # active ones first
 
     def default(self) -> GmailAccount:
         accounts = self.accounts()
@@ -127,7 +141,7 @@ class Router:
             candidates = accounts if accounts[0].can_send_as(address) else []
             fallback = accounts[0]
         else:
-            candidates = [a for a in self.candidates(address) if _key(a) not in excluded]
+            candidates = [a for a in self.candidates(address) if account_key(a) not in excluded]
             fallback = None
             if excluded and not candidates:
                 return None

@@ -13,11 +13,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Count
-from django.utils import timezone
 from django.utils.html import escape, format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
 from . import quota
+from .conf import local
 from .models import GmailAccount, OutboundEmail, QuotaBucket, QuotaDay, SenderQuota
 
 
@@ -45,7 +45,7 @@ class AccountStats:
 
 
 def _hour(moment: datetime) -> datetime:
-    return timezone.localtime(moment).replace(minute=0, second=0, microsecond=0)
+    return local(moment).replace(minute=0, second=0, microsecond=0)
 
 
 def account_stats(account: GmailAccount, now: datetime | None = None) -> AccountStats:
@@ -55,19 +55,19 @@ def account_stats(account: GmailAccount, now: datetime | None = None) -> Account
     quota_row = SenderQuota.objects.filter(address=status.address).first()
     this_hour = _hour(now)
     hours = [this_hour - timedelta(hours=23 - i) for i in range(24)]
-    today = timezone.localtime(now).date()
+    today = local(now).date()
     days = [today - timedelta(days=29 - i) for i in range(30)]
     per_hour: Counter = Counter()
     per_day: Counter = Counter()
     if quota_row is not None:
         buckets = QuotaBucket.objects.filter(
-            quota=quota_row, minute__gte=timezone.localtime(now) - timedelta(days=2)
+            quota=quota_row, minute__gte=now - timedelta(days=30)
         ).values_list("minute", "messages", "recipients")
         for minute, messages, recipients in buckets:
             hour = _hour(minute)
             per_hour[(hour, "m")] += messages
             per_hour[(hour, "r")] += recipients
-            day = timezone.localtime(minute).date()
+            day = local(minute).date()
             per_day[(day, "m")] += messages
             per_day[(day, "r")] += recipients
         for day, messages, recipients in QuotaDay.objects.filter(

@@ -26,11 +26,13 @@ from .exceptions import (
     InsecureConnectionError,
     InvalidAddress,
     MessageTooLarge,
+    PermanentError,
     RecipientsRefused,
+    TemporaryError,
     classify_reply,
 )
 from .models import GmailAccount
-from .routing import Envelope
+from .routing import Envelope, account_key
 
 logger = logging.getLogger(__name__)
 
@@ -203,13 +205,14 @@ class GmailConnection:
         smtp = self._smtp
         assert smtp is not None
         advertised = (smtp.esmtp_features.get("auth") or "").upper().split()
+        user = _login_name(credentials.user)
         with self._guard("auth"):
             try:
                 if credentials.mechanism == "XOAUTH2":
-                    smtp.auth("XOAUTH2", _xoauth2(credentials), initial_response_ok=True)
+                    smtp.auth("XOAUTH2", _xoauth2(user, credentials.secret))
                 else:
                     mechanism = "PLAIN" if "PLAIN" in advertised or not advertised else "LOGIN"
-                    smtp.user, smtp.password = credentials.user, credentials.secret
+                    smtp.user, smtp.password = user, credentials.secret
                     try:
                         method = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
                         smtp.auth(mechanism, method, initial_response_ok=True)
@@ -299,7 +302,7 @@ class GmailConnection:
     def _all_refused(self, refused: dict[str, tuple[int, str]]) -> GmailSMTPError:
         code, reply = next(iter(refused.values()))
         first = classify_reply(code, reply, phase="rcpt", account=self.account.email)
-        if isinstance(first, InvalidAddress) or type(first).__name__ == "PermanentError":
+        if isinstance(first, InvalidAddress) or type(first) is PermanentError:
             listed = ", ".join(f"{r} ({c})" for r, (c, _t) in refused.items())
             return RecipientsRefused(
                 f"Gmail refused every recipient: {listed}",
@@ -371,6 +374,17 @@ class GmailConnection:
             raise classify_reply(
                 exc.smtp_code, exc.smtp_error, phase=phase, account=account
             ) from None
+        except UnicodeError:
+            # e.g. a non-ASCII login or password: smtplib cannot encode it. The original
+            # error would carry the credentials, so it is not chained.
+            self._abort()
+            raise InvalidAddress(
+                f"Something sent during {phase} has characters SMTP cannot carry (a non-ASCII "
+                "login, password or address)",
+                account=account,
+                phase=phase,
+                hint="Use the account's ASCII address as its login, and an App Password (ASCII).",
+            ) from None
         except TimeoutError:
             self._abort()
             raise ConnectionFailed(
@@ -407,12 +421,9 @@ class ConnectionPool:
     def __repr__(self) -> str:
         return f"<ConnectionPool {len(self._connections)} connection(s)>"
 
-    def _key(self, account: GmailAccount) -> Any:
-        return account.pk or ("settings", account.email)
-
     def connection(self, account: GmailAccount) -> GmailConnection:
         """An open, authenticated connection for ``account`` (reused when still good)."""
-        key = self._key(account)
+        key = account_key(account)
         connection = self._connections.get(key)
         if connection is not None:
             idle = time.monotonic() - self._last_used.get(key, 0.0)
@@ -429,12 +440,28 @@ class ConnectionPool:
         return connection
 
     def send(self, envelope: Envelope) -> SendResult:
-        """Send over the account's pooled connection, opening one if needed."""
+        """Send over the account's pooled connection, opening one if needed.
+
+        A reused connection that Gmail closed meanwhile (a drop or a 421 before DATA: nothing
+        was sent) is replaced by a fresh one, once.
+        """
+        key = account_key(envelope.account)
+        reused = key in self._connections and self._connections[key].is_open
         connection = self.connection(envelope.account)
         try:
             return connection.send(envelope)
+        except (ConnectionFailed, TemporaryError) as exc:
+            stale = isinstance(exc, ConnectionFailed) or exc.smtp_code == 421
+            if not (reused and stale and exc.phase in ("mail", "rcpt")):
+                raise
+            connection.close()
+            return self.connection(envelope.account).send(envelope)
         finally:
-            self._last_used[self._key(envelope.account)] = time.monotonic()
+            self._last_used[key] = time.monotonic()
+
+    @property
+    def open_connections(self) -> int:
+        return sum(1 for c in self._connections.values() if c.is_open)
 
     def close(self) -> None:
         """QUIT every connection; never raises."""
@@ -443,9 +470,17 @@ class ConnectionPool:
             connection.close()
 
 
-def _xoauth2(credentials: SMTPCredentials) -> Any:
+def _login_name(address: str) -> str:
+    """The login as SMTP AUTH can carry it: an internationalised domain in its IDNA form."""
+    local, _, domain = address.rpartition("@")
+    if domain and not domain.isascii():
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    return address
+
+
+def _xoauth2(user: str, token: str) -> Any:
     """The smtplib auth object for XOAUTH2: the initial response, then an empty line on 334."""
-    initial = f"user={credentials.user}\x01auth=Bearer {credentials.secret}\x01\x01"
+    initial = f"user={user}\x01auth=Bearer {token}\x01\x01"
 
     def respond(challenge: bytes | None = None) -> str:
         # Gmail answers a bad token with 334 <base64 JSON>; the client must send an empty line.

@@ -337,6 +337,8 @@ class Command(BaseCommand):
                 redirect_uri=flow.redirect_uri,
             )
         except (GmailSMTPError, ImproperlyConfigured) as exc:
+            if created:
+                account.delete()  # no half-made account left behind to route mail to
             raise CommandError(f"Not connected: {exc}") from None
         self.stdout.write(
             self.style.SUCCESS(
@@ -412,6 +414,6 @@ class Command(BaseCommand):
 
 
 def _when(moment: Any) -> str:
-    from django.utils import timezone
+    from django_gmail_smtp.conf import format_time
 
-    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M %Z")
+    return format_time(moment)
