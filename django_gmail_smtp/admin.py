@@ -95,7 +95,9 @@ class GmailAccountForm(forms.ModelForm):
             is_set = bool(stored) or getattr(stored, "ciphertext", None) is not None
             state = "Stored (encrypted); leave empty to keep it." if is_set else "Not set."
             field = self.fields[name]
-            field.help_text = f"{state} {field.help_text or ''}".strip()
+            model_field = GmailAccount._meta.get_field(name)
+            field.label = model_field.verbose_name[:1].upper() + model_field.verbose_name[1:]
+            field.help_text = f"{state} {field.help_text or model_field.help_text}".strip()
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
@@ -253,6 +255,16 @@ class GmailAccountAdmin(admin.ModelAdmin):
         if not request.user.has_perm(f"django_gmail_smtp.{codename}"):
             raise PermissionDenied
 
+    def get_fieldsets(self, request: HttpRequest, obj=None):
+        if obj is not None:
+            return self.fieldsets
+        # Adding: nothing stored to remove yet, no health to show.
+        fieldsets = [fs for fs in self.fieldsets if fs[0] != "Health"]
+        credentials = fieldsets[1][1]
+        fields = tuple(f for f in credentials["fields"] if f != "clear_secrets")
+        fieldsets[1] = (fieldsets[1][0], {**credentials, "fields": fields})
+        return fieldsets
+
     def has_send_test_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("django_gmail_smtp.send_test_gmailaccount")
 
@@ -337,7 +349,8 @@ class GmailAccountAdmin(admin.ModelAdmin):
             account.save(update_fields=["is_active"])
             if account.is_active:
                 account.release_deferred()
-            ok, text = True, f"{account.email} {'resumed' if account.is_active else 'paused'}."
+            verb = "Resumed" if account.is_active else "Paused"
+            ok, text = True, f"{verb} sending from {account.email}."
         else:
             raise PermissionDenied
         self.message_user(request, text, messages.SUCCESS if ok else messages.ERROR)
@@ -475,11 +488,14 @@ def verify_account(account: GmailAccount) -> tuple[bool, str]:
     try:
         connection.open()
     except (GmailSMTPError, ImproperlyConfigured) as exc:
-        return False, f"{account.email}: {exc}"
+        return False, f"Could not verify {account.email}: {exc}"
     finally:
         connection.close()
     account.mark_health(GmailAccount.Health.OK, "")
-    return True, f"{account.email}: connected over verified TLS and logged in. Ready to send."
+    return (
+        True,
+        f"Verified {account.email}: connected over verified TLS and logged in. Ready to send.",
+    )
 
 
 def send_test_message(account: GmailAccount, user: Any) -> tuple[bool, str]:
@@ -509,13 +525,13 @@ def refresh_account_token(account: GmailAccount) -> tuple[bool, str]:
     from .credentials import credentials_for
 
     if account.auth_method == GmailAccount.AuthMethod.APP_PASSWORD:
-        return False, f"{account.email} uses an App Password; it has no token to refresh."
+        return False, f"Nothing to refresh: {account.email} uses an App Password, not a token."
     try:
         creds = credentials_for(account, force_refresh=True)
     except (GmailSMTPError, ImproperlyConfigured) as exc:
-        return False, f"{account.email}: {exc}"
+        return False, f"Could not refresh the token of {account.email}: {exc}"
     until = format_time(creds.expires_at, "%H:%M")
-    return True, f"{account.email}: new access token, valid until {until}."
+    return True, f"Refreshed {account.email}: new access token, valid until {until}."
 
 
 # --- the outbox --------------------------------------------------------------------------------
@@ -542,16 +558,15 @@ class OutboundEmailAdmin(admin.ModelAdmin):
         css = {"all": ["django_gmail_smtp/admin.css"]}
 
     list_display = (
-        "id",
-        "created_at",
         "subject_short",
         "recipients_short",
         "account_email",
-        "priority",
         "status_badge",
         "attempts",
+        "created_at",
         "when",
     )
+    list_display_links = ("subject_short",)
     list_filter = ("status", "priority", "account", "reason", "created_at")
     date_hierarchy = "created_at"
     search_fields = ("subject", "message_id", "recipients", "account_email")
@@ -569,7 +584,7 @@ class OutboundEmailAdmin(admin.ModelAdmin):
                     "priority",
                     "account_email",
                     "from_email",
-                    "recipients",
+                    "recipient_list",
                     "subject",
                     "message_id",
                     "size",
@@ -585,7 +600,7 @@ class OutboundEmailAdmin(admin.ModelAdmin):
                     "next_attempt_at",
                     "sent_at",
                     "gmail_reply",
-                    "refused_recipients",
+                    "refused_list",
                     "created_at",
                     "updated_at",
                 )
@@ -600,7 +615,7 @@ class OutboundEmailAdmin(admin.ModelAdmin):
         "priority",
         "account_email",
         "from_email",
-        "recipients",
+        "recipient_list",
         "subject",
         "message_id",
         "size",
@@ -609,7 +624,7 @@ class OutboundEmailAdmin(admin.ModelAdmin):
         "next_attempt_at",
         "sent_at",
         "gmail_reply",
-        "refused_recipients",
+        "refused_list",
         "created_at",
         "updated_at",
         "preview",
@@ -640,6 +655,18 @@ class OutboundEmailAdmin(admin.ModelAdmin):
         first = ", ".join(obj.recipients[:2])
         more = len(obj.recipients) - 2
         return f"{first} +{more}" if more > 0 else first
+
+    @admin.display(description="recipients")
+    def recipient_list(self, obj: OutboundEmail) -> str:
+        return ", ".join(obj.recipients)
+
+    @admin.display(description="refused recipients")
+    def refused_list(self, obj: OutboundEmail) -> str:
+        if not obj.refused_recipients:
+            return "none"
+        return "; ".join(
+            f"{addr}: {code} {text}" for addr, (code, text) in obj.refused_recipients.items()
+        )
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: OutboundEmail) -> str:

@@ -408,7 +408,7 @@ class OutboundEmail(models.Model):
     refused_recipients = models.JSONField(_("refused recipients"), default=dict, blank=True)
     sent_at = models.DateTimeField(_("sent"), null=True, blank=True)
     body_dropped_at = models.DateTimeField(_("body dropped"), null=True, blank=True)
-    created_at = models.DateTimeField(_("queued"), auto_now_add=True, db_index=True)
+    created_at = models.DateTimeField(_("queued at"), auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 
     class Meta:
