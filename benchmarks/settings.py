@@ -1,0 +1,29 @@
+"""Settings for benchmarks/celery_send.py: the test settings plus the django-celery-email baseline.
+
+``djcelery_email`` (pip: django-celery-email-reboot, the maintained fork of django-celery-email)
+is added with Django's SMTP backend behind it. Its queue and, in the baseline worker only, the
+SMTP server and login come from environment variables the benchmark sets:
+``BENCH_BASELINE_QUEUE``, ``BENCH_EMAIL_HOST``, ``BENCH_EMAIL_PORT``, ``BENCH_EMAIL_HOST_USER``,
+``BENCH_EMAIL_HOST_PASSWORD``. (The worker also needs ``SSL_CERT_FILE`` set to the sandbox's CA,
+so that Django's SMTP backend trusts the sandbox.)
+"""
+
+import os
+
+from tests.settings import *  # noqa: F403
+from tests.settings import INSTALLED_APPS
+
+INSTALLED_APPS = [*INSTALLED_APPS, "djcelery_email"]
+
+CELERY_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+CELERY_EMAIL_TASK_CONFIG = {"queue": os.environ.get("BENCH_BASELINE_QUEUE", "djcelery_email")}
+CELERY_EMAIL_CHUNK_SIZE = 10  # the package's default, spelled out: one SMTP session per chunk
+
+if os.environ.get("BENCH_EMAIL_HOST_USER"):
+    # Only in the baseline worker: the app's own code must not see an EMAIL_HOST_USER account.
+    EMAIL_HOST = os.environ.get("BENCH_EMAIL_HOST", "127.0.0.1")
+    EMAIL_PORT = int(os.environ.get("BENCH_EMAIL_PORT", "587"))
+    EMAIL_USE_TLS = True
+    EMAIL_HOST_USER = os.environ["BENCH_EMAIL_HOST_USER"]
+    EMAIL_HOST_PASSWORD = os.environ.get("BENCH_EMAIL_HOST_PASSWORD", "")
+    EMAIL_TIMEOUT = 30
