@@ -7,6 +7,7 @@ classified; nothing else in the app looks at SMTP codes.
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import ssl
 import time
@@ -258,6 +259,83 @@ class GmailConnection:
                 )
             options.append("SMTPUTF8")
 
+        if smtp.has_extn("pipelining"):
+            _code, reply, refused = self._send_pipelined(envelope, options)
+        else:
+            _code, reply, refused = self._send_stepwise(envelope, options)
+        result = SendResult(
+            reply=reply.decode("utf-8", "replace"),
+            message_id=envelope.message_id,
+            refused=refused,
+        )
+        if refused:
+            logger.warning(
+                "Gmail refused %d of %d recipients of %s",
+                len(refused),
+                len(envelope.recipients),
+                envelope.message_id or "a message",
+            )
+        return result
+
+    def _send_pipelined(
+        self, envelope: Envelope, options: list[str]
+    ) -> tuple[int, bytes, dict[str, tuple[int, str]]]:
+        """MAIL, every RCPT and DATA in one write (RFC 2920), then the body: two round trips
+        per message instead of three plus one per recipient."""
+        smtp = self._smtp
+        assert smtp is not None
+        account = self.account.email
+        option_text = (" " + " ".join(options)) if options else ""
+        lines = [f"MAIL FROM:{smtplib.quoteaddr(envelope.mail_from)}{option_text}"]
+        lines += [f"RCPT TO:{smtplib.quoteaddr(r)}" for r in envelope.recipients]
+        lines.append("DATA")
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        replies: list[tuple[int, bytes]] = []
+        phases = ["mail"] + ["rcpt"] * len(envelope.recipients) + ["data"]
+        with self._guard("mail"):
+            smtp.send("".join(line + "\r\n" for line in lines).encode(encoding))
+        for phase in phases:
+            with self._guard(phase):
+                try:
+                    replies.append(smtp.getreply())
+                except smtplib.SMTPServerDisconnected:
+                    if not any(code == 421 for code, _ in replies):
+                        raise
+                    break  # Gmail closes the connection after a 421: classified below
+        (mail_code, mail_reply), rcpt_replies = replies[0], replies[1:-1]
+        data_code, data_reply = replies[-1] if len(replies) == len(phases) else (421, b"")
+        if mail_code != 250:
+            self._reset()
+            raise classify_reply(mail_code, mail_reply, phase="mail", account=account)
+        refused = {
+            recipient: (code, reply.decode("utf-8", "replace"))
+            for recipient, (code, reply) in zip(envelope.recipients, rcpt_replies, strict=False)
+            if code not in (250, 251)
+        }
+        if len(rcpt_replies) < len(envelope.recipients) or len(refused) == len(envelope.recipients):
+            self._reset()
+            raise self._all_refused(refused or {"": (data_code, data_reply.decode())})
+        if data_code != 354:
+            self._reset()
+            raise classify_reply(data_code, data_reply, phase="data", account=account)
+        body = re.sub(rb"(?m)^\.", b"..", envelope.data)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        with self._guard("after_data"):
+            smtp.send(body + b".\r\n")
+            code, reply = smtp.getreply()
+            if code != 250:
+                self._reset()
+                raise classify_reply(code, reply, phase="after_data", account=account)
+        return code, reply, refused
+
+    def _send_stepwise(
+        self, envelope: Envelope, options: list[str]
+    ) -> tuple[int, bytes, dict[str, tuple[int, str]]]:
+        """One command, one reply: for servers that do not offer PIPELINING."""
+        smtp = self._smtp
+        assert smtp is not None
+        account = self.account.email
         with self._guard("mail"):
             code, reply = smtp.mail(envelope.mail_from, options)
             if code != 250:
@@ -285,19 +363,7 @@ class GmailConnection:
             if code != 250:
                 self._reset()
                 raise classify_reply(code, reply, phase="after_data", account=account)
-        result = SendResult(
-            reply=reply.decode("utf-8", "replace"),
-            message_id=envelope.message_id,
-            refused=refused,
-        )
-        if refused:
-            logger.warning(
-                "Gmail refused %d of %d recipients of %s",
-                len(refused),
-                len(envelope.recipients),
-                envelope.message_id or "a message",
-            )
-        return result
+        return code, reply, refused
 
     def _all_refused(self, refused: dict[str, tuple[int, str]]) -> GmailSMTPError:
         code, reply = next(iter(refused.values()))

@@ -24,12 +24,12 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not memory, so worker processes started by the tests share the test database.
     DATABASES["default"]["TEST"] = {"NAME": os.path.join(TMP, f"test_db_{os.getpid()}.sqlite3")}
     DATABASES["default"]["OPTIONS"] = {"timeout": 30}
-else:
-    # A second alias of the same database, for tests of GMAIL_SMTP["QUOTA_DATABASE"].
-    DATABASES["ledger"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
 if os.environ.get("GMAIL_SMTP_TEST_DB"):
     # Set by tests for the processes they start: use the test database, not the real one.
     DATABASES["default"] = json.loads(os.environ["GMAIL_SMTP_TEST_DB"])
+if not DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A second alias of the same database, for tests of GMAIL_SMTP["QUOTA_DATABASE"].
+    DATABASES["ledger"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -59,6 +59,22 @@ def start_worker(celery_settings, queues, tmp_path):
     yield start
     for worker in workers:
         worker.stop()
+    _forget_queues(queues)
+
+
+def _forget_queues(queues):
+    """Remove this test's queues' bindings from Redis (kombu keeps them per queue name)."""
+    from django.conf import settings
+
+    if not settings.CELERY_BROKER_URL.startswith("redis"):
+        return
+    import redis
+
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    for name in queues.values():
+        keys = list(client.scan_iter(f"*{name}*"))
+        if keys:
+            client.delete(*keys)
 
 
 def wait_until(predicate, timeout=30.0, what="condition"):

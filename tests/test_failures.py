@@ -384,3 +384,57 @@ def test_batch_with_one_refused_message_raises_without_fail_silently(account, sa
     with pytest.raises(RecipientsRefused):
         get_connection().send_messages(messages)
     assert [d.subject for d in sandbox.deliveries] == ["m1"]
+
+
+@pytest.fixture(params=[True, False], ids=["pipelined", "stepwise"])
+def any_sandbox(request, settings):
+    """A sandbox that offers PIPELINING, and one that does not (each path of the transport)."""
+    from django_gmail_smtp.testing import GmailSandbox
+
+    with GmailSandbox(pipelining=request.param) as sb:
+        settings.EMAIL_BACKEND = "django_gmail_smtp.backends.GmailSMTPBackend"
+        settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, **sb.settings()}
+        yield sb
+
+
+@pytest.mark.parametrize(
+    ("phase", "reply", "error"),
+    [
+        ("mail", "550 5.4.5 Daily user sending limit exceeded.", "QuotaExceeded"),
+        ("mail", "421 4.7.0 Try again later, closing connection.", "TemporaryError"),
+        ("rcpt", "421 4.7.0 Try again later, closing connection.", "TemporaryError"),
+        (
+            "data",
+            "552 5.3.4 Your message exceeded Google's message size limits.",
+            "MessageTooLarge",
+        ),
+        ("after_data", "550 5.4.5 Daily user sending limit exceeded.", "QuotaExceeded"),
+    ],
+)
+def test_each_reply_is_classified_on_both_transport_paths(
+    any_sandbox, make_account, phase, reply, error
+):
+    """Pipelined or not, Gmail's refusal at each phase becomes the same exception."""
+    from django_gmail_smtp import exceptions
+
+    make_account(any_sandbox)
+    any_sandbox.fault(phase, reply=reply)
+    with pytest.raises(getattr(exceptions, error)):
+        send_mail("s", "b", SENDER, ["a@example.net", "b@example.net"])
+    assert any_sandbox.deliveries == []
+    if error == "QuotaExceeded":
+        return  # the account is now blocked until its window frees (tested in test_quota)
+    # The connection is in a clean state (or replaced): the next message goes out.
+    assert send_mail("s", "b", SENDER, ["a@example.net", "b@example.net"]) == 1
+    assert any_sandbox.deliveries[0].rcpt_tos == ["a@example.net", "b@example.net"]
+
+
+def test_partial_refusal_and_dot_stuffing_on_both_paths(any_sandbox, make_account):
+    make_account(any_sandbox)
+    any_sandbox.bad_recipients.add("bad@example.net")
+    body = "line one\n.leading dot\n..two dots\n.\nend"
+    message = EmailMessage("s", body, SENDER, ["ok@example.net", "bad@example.net"])
+    assert message.send() == 1
+    assert list(message.gmail_status["refused"]) == ["bad@example.net"]
+    content = any_sandbox.deliveries[0].message.get_content()
+    assert content.replace("\r\n", "\n").rstrip("\n") == body

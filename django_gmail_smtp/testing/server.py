@@ -365,6 +365,7 @@ class _ServerConfig:
     hostname: str
     max_auth_failures: int | None
     timeout: float
+    pipelining: bool = True
 
 
 def _new_session_id() -> str:
@@ -600,6 +601,8 @@ class GmailSMTP(SMTP):
         else:  # after TLS, or on the deliberately broken plaintext server
             lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
         lines += ["ENHANCEDSTATUSCODES", "PIPELINING", "SMTPUTF8"]
+        if not self._config.pipelining:
+            lines.remove("PIPELINING")
         for index, line in enumerate(lines):
             await self.push(f"250{' ' if index == len(lines) - 1 else '-'}{line}")
 
@@ -1032,7 +1035,8 @@ class GmailSandbox:
     ``security`` is ``"starttls"`` (587-style) or ``"ssl"`` (465-style implicit TLS).
     ``offer_starttls=False`` makes a deliberately broken server that never offers STARTTLS
     but offers AUTH in the clear; ``stats.plaintext_auth_attempts`` shows whether a client
-    fell for it. All methods are thread-safe.
+    fell for it. ``pipelining=False`` stops advertising PIPELINING (clients must then wait
+    for each reply). All methods are thread-safe.
     """
 
     def __init__(
@@ -1049,6 +1053,7 @@ class GmailSandbox:
         hostname: str = GMAIL_HOSTNAME,
         max_auth_failures: int | None = 3,
         timeout: float = 300.0,
+        pipelining: bool = True,
         clock: Callable[[], float] | None = None,
         on_delivery: Callable[[Delivered], None] | None = None,
     ) -> None:
@@ -1063,6 +1068,7 @@ class GmailSandbox:
             "hostname": hostname,
             "max_auth_failures": max_auth_failures,
             "timeout": timeout,
+            "pipelining": pipelining,
         }
         self._cert_dir = cert_dir
         self._certs: CertificateFiles | None = None
