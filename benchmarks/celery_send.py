@@ -45,7 +45,6 @@ import shutil
 import signal
 import smtplib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,17 +70,6 @@ BODY = (
 SYNC = "django_gmail_smtp.backends.GmailSMTPBackend"
 CELERY = "django_gmail_smtp.backends.CeleryGmailBackend"
 BASELINE = "djcelery_email.backends.CeleryEmailBackend"
-WORKER_OPTIONS = [
-    "--pool",
-    "prefork",
-    "--loglevel",
-    "INFO",
-    "--without-gossip",
-    "--without-mingle",
-    "--without-heartbeat",
-    "--prefetch-multiplier",
-    "1",
-]
 PART1_TARGET = 10.0
 
 
@@ -488,60 +476,6 @@ def part2_ours(
     )
 
 
-class BaselineWorker:
-    """A ``celery worker`` for django-celery-email: CeleryWorker's options, the bench app."""
-
-    def __init__(
-        self, *, name: str, queue: str, concurrency: int, log_path: Path, env: dict[str, str]
-    ):
-        from tests.processes import child_env
-
-        self.log_path = log_path
-        args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "benchmarks.celery_app",
-            "worker",
-            "-Q",
-            queue,
-            "-n",
-            f"{name}@%h",
-            "--concurrency",
-            str(concurrency),
-            *WORKER_OPTIONS,
-        ]
-        self._log = open(log_path, "wb")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env={**child_env(), "DJANGO_SETTINGS_MODULE": "benchmarks.settings", **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " ready." in self.log():
-                return
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the baseline worker exited:\n{self.log()}")
-            time.sleep(0.1)
-        raise RuntimeError(f"the baseline worker did not become ready:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        self._log.close()
-
-
 def baseline_label() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -587,12 +521,16 @@ def part2_baseline(
         return ""
 
     spawn = time.perf_counter()
-    worker = BaselineWorker(
+    from tests.processes import CeleryWorker
+
+    worker = CeleryWorker(
+        app="benchmarks.celery_app",
         name=f"bench-baseline-{args.tag}",
-        queue=os.environ["BENCH_BASELINE_QUEUE"],
+        queues=os.environ["BENCH_BASELINE_QUEUE"],
         concurrency=args.concurrency,
         log_path=tmp / f"worker-baseline-{'single' if per_message else 'batch'}.log",
         env={
+            "DJANGO_SETTINGS_MODULE": "benchmarks.settings",
             "SSL_CERT_FILE": sandbox.ca_file,  # so Django's SMTP backend trusts the sandbox
             "BENCH_EMAIL_HOST": "127.0.0.1",
             "BENCH_EMAIL_PORT": str(proxy.port),

@@ -608,28 +608,8 @@ class OutboundEmailAdmin(admin.ModelAdmin):
         ),
         ("Message", {"fields": ("preview",)}),
     )
-    readonly_fields = (
-        "status",
-        "reason",
-        "last_error",
-        "priority",
-        "account_email",
-        "from_email",
-        "recipient_list",
-        "subject",
-        "message_id",
-        "size",
-        "from_rewritten",
-        "attempts",
-        "next_attempt_at",
-        "sent_at",
-        "gmail_reply",
-        "refused_list",
-        "created_at",
-        "updated_at",
-        "preview",
-        "preview_hidden",
-    )
+    # Everything is read-only: the outbox is a record.
+    readonly_fields = (*(f for _name, opts in fieldsets for f in opts["fields"]), "preview_hidden")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return super().get_queryset(request).defer("mime")

@@ -200,22 +200,22 @@ class _Delivery:
         )
         return "sent"
 
+    def _record(self, outcome: str, error: Exception | None, text: str, **fields: Any) -> None:
+        """Store the outcome on the row (with the reason in words) and in the attempt log."""
+        code = getattr(error, "smtp_code", None)
+        self._finish(last_error=text, last_code=code, **fields)
+        self._log(outcome, code=code, reply=text, phase=getattr(error, "phase", None) or "")
+
     def defer(
         self, reason: str, text: str, until: datetime | None, error: Exception | None = None
     ) -> str:
-        code = getattr(error, "smtp_code", None)
-        self._finish(
+        self._record(
+            OutboundAttempt.Outcome.DEFERRED,
+            error,
+            text,
             status=Status.DEFERRED,
             reason=reason,
             next_attempt_at=until,
-            last_error=text,
-            last_code=code,
-        )
-        self._log(
-            OutboundAttempt.Outcome.DEFERRED,
-            code=code,
-            reply=text,
-            phase=getattr(error, "phase", None) or "",
         )
         signals.email_deferred.send(
             OutboundEmail, outbound=self.row, reason=reason, until=until, error=error
@@ -224,8 +224,6 @@ class _Delivery:
 
     def retry_or_fail(self, text: str, error: Exception) -> str:
         attempts = self.row.attempts + 1
-        code = getattr(error, "smtp_code", None)
-        phase = getattr(error, "phase", None) or ""
         if attempts >= int(get_setting("MAX_ATTEMPTS")):
             return self.fail(
                 Reason.ATTEMPTS,
@@ -234,52 +232,60 @@ class _Delivery:
                 attempts=attempts,
             )
         delay = _backoff(attempts)
-        self._finish(
+        self._record(
+            OutboundAttempt.Outcome.RETRY,
+            error,
+            text,
             status=Status.QUEUED,
             reason=Reason.RETRY,
             attempts=attempts,
             next_attempt_at=timezone.now() + timedelta(seconds=delay),
-            last_error=text,
-            last_code=code,
         )
-        self._log(OutboundAttempt.Outcome.RETRY, code=code, reply=text, phase=phase)
         dispatch(self.row.pk, self.row.priority, countdown=delay)
         return "retry"
 
     def fail(self, reason: str, text: str, error: Exception | None, **extra: Any) -> str:
-        code = getattr(error, "smtp_code", None)
         refused = getattr(error, "recipients", None) or {}
-        self._finish(
+        self._record(
+            OutboundAttempt.Outcome.FAILED,
+            error,
+            text,
             status=Status.FAILED,
             reason=reason,
-            last_error=text,
-            last_code=code,
             next_attempt_at=None,
             refused_recipients={r: list(v) for r, v in refused.items()},
             **extra,
         )
-        self._log(
-            OutboundAttempt.Outcome.FAILED,
-            code=code,
-            reply=text,
-            phase=getattr(error, "phase", None) or "",
-        )
         signals.email_failed.send(OutboundEmail, outbound=self.row, error=error)
         return "failed"
+
+
+#: a task may run this much before its row's next attempt (timer granularity, clock skew)
+EARLY = timedelta(seconds=1)
+#: a task that arrives earlier than EARLY, but due within this, is handed back with a countdown
+REQUEUE_WITHIN = timedelta(seconds=120)
 
 
 def claim(outbound_id: int, worker: str) -> OutboundEmail | None:
     """Atomically take a due row for sending; None if another delivery has it or it is done."""
     now = timezone.now()
     lease = timedelta(seconds=float(get_setting("SENDING_LEASE")))
-    claimed = (
-        OutboundEmail.objects.filter(pk=outbound_id, status__in=[Status.QUEUED, Status.DEFERRED])
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .update(status=Status.SENDING, lease_expires_at=now + lease, claimed_by=worker)
+    waiting = OutboundEmail.objects.filter(
+        pk=outbound_id, status__in=[Status.QUEUED, Status.DEFERRED]
     )
-    if not claimed:
-        return None
-    return OutboundEmail.objects.select_related("account").get(pk=outbound_id)
+    claimed = waiting.filter(
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now + EARLY)
+    ).update(status=Status.SENDING, lease_expires_at=now + lease, claimed_by=worker)
+    if claimed:
+        return OutboundEmail.objects.select_related("account").get(pk=outbound_id)
+    # A retry's task that ran early (a worker whose clock is behind, an early timer): hand it
+    # back for the time that is left, rather than leave the retry to the sweeper.
+    due = waiting.filter(next_attempt_at__lte=now + REQUEUE_WITHIN).values_list(
+        "next_attempt_at", "priority"
+    )
+    for next_attempt_at, priority in due:
+        dispatch(outbound_id, priority, countdown=(next_attempt_at - now).total_seconds())
+    return None
 
 
 def deliver(outbound_id: int, *, pool: ConnectionPool, worker: str = WORKER_ID) -> str:

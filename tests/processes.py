@@ -38,15 +38,18 @@ class CeleryWorker:
         name: str = "w1",
         beat: bool = False,
         log_path: Path,
+        app: str = "tests.celery_app",
+        env: dict[str, str] | None = None,
         **gmail_smtp: object,
     ) -> None:
+        """``env`` adds to (or overrides) :func:`child_env`; other keywords go to GMAIL_SMTP."""
         self.log_path = log_path
         args = [
             sys.executable,
             "-m",
             "celery",
             "-A",
-            "tests.celery_app",
+            app,
             "worker",
             "-Q",
             queues,
@@ -70,7 +73,7 @@ class CeleryWorker:
         self.process = subprocess.Popen(
             args,
             cwd=ROOT,
-            env=child_env(**gmail_smtp),
+            env={**child_env(**gmail_smtp), **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

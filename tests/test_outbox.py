@@ -26,7 +26,7 @@ Status = OutboundEmail.Status
 @pytest.fixture
 def celery_backend(settings, sandbox):
     settings.EMAIL_BACKEND = "django_gmail_smtp.backends.CeleryGmailBackend"
-    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "RETRY_BASE_DELAY": 1, "MAX_ATTEMPTS": 4}
+    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "RETRY_BASE_DELAY": 10, "MAX_ATTEMPTS": 4}
     return CeleryGmailBackend()
 
 
@@ -130,7 +130,8 @@ def test_temporary_failures_retry_with_backoff_then_succeed(
     assert outbox.deliver(row.pk, pool=pool) == "sent"
     row.refresh_from_db()
     assert row.attempts == 3 and row.status == Status.SENT
-    assert 0.5 <= delays[0] <= 1.1 and 1 <= delays[1] <= 2.1 and 2 <= delays[2] <= 4.1
+    # Exponential backoff with jitter: base 10 s, doubling, each delay in [d/2, d].
+    assert 5 <= delays[0] <= 10.1 and 10 <= delays[1] <= 20.1 and 20 <= delays[2] <= 40.1
     assert [a.outcome for a in row.log.all()] == ["retry", "retry", "retry", "sent"]
     assert all(a.code == 421 for a in row.log.all()[:3])
 
@@ -376,3 +377,28 @@ def test_outbox_commands_retry_cancel_purge(account, celery_backend, monkeypatch
     recent_sent.refresh_from_db()
     assert bytes(recent_sent.mime) == b"" and recent_sent.body_dropped_at is not None
     assert "Retried 1" in out.getvalue() and "Cancelled 1" in out.getvalue()
+
+
+def test_task_arriving_early_is_handed_back_for_the_time_left(account, monkeypatch):
+    """A retry's task that runs before its time (timer or clock skew) is re-dispatched."""
+    from datetime import timedelta
+
+    handed = []
+    monkeypatch.setattr(
+        outbox, "dispatch", lambda pk, p, countdown=None: handed.append((pk, countdown)) or True
+    )
+    row = OutboundEmail.objects.create(
+        account=account,
+        account_email=SENDER,
+        from_email=SENDER,
+        recipients=["t@x.example"],
+        mime=b"x",
+        next_attempt_at=timezone.now() + timedelta(seconds=30),
+    )
+    assert outbox.claim(row.pk, "w1") is None
+    ((pk, countdown),) = handed
+    assert pk == row.pk and 28 < countdown <= 30
+    OutboundEmail.objects.filter(pk=row.pk).update(
+        next_attempt_at=timezone.now() + timedelta(milliseconds=300)
+    )
+    assert outbox.claim(row.pk, "w1") is not None  # within a second of its time: taken
