@@ -18,7 +18,7 @@ from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.views.decorators.debug import sensitive_variables
 
-from . import quota
+from . import quota, signals
 from .conf import get_setting
 from .exceptions import GmailSMTPError, InvalidMessage, QuotaExceeded
 from .models import GmailAccount, normalize_address, normalize_app_password
@@ -191,6 +191,9 @@ class GmailSMTPBackend(BaseEmailBackend):
             "refused": result.refused,
             "from_rewritten": envelope.from_rewritten,
         }
+        signals.email_sent.send(
+            type(self), message=message, account=envelope.account, result=result, outbound=None
+        )
         return result
 
 

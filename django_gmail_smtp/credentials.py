@@ -152,7 +152,7 @@ def _oauth_credentials(
                     setattr(account, field, getattr(locked, field))
     except (ConsentRequired, OAuthClientError) as exc:
         # Recorded after the row lock's transaction, which the error rolled back.
-        account.mark_health(exc.health, exc.detail)
+        account.mark_health(exc.health, exc.detail, exc)
         raise
     token = account.access_token
     return SMTPCredentials(account.email, "XOAUTH2", token, account.token_expiry)

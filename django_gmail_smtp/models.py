@@ -244,8 +244,16 @@ class GmailAccount(models.Model):
         return quota_status(self)
 
     # --- health ----------------------------------------------------------------------------
-    def mark_health(self, health: str, detail: str = "") -> None:
-        """Record the outcome of the last login (stored at once, without touching other fields)."""
+    def mark_health(self, health: str, detail: str = "", error: Exception | None = None) -> None:
+        """Record the outcome of the last login (stored at once, without touching other fields).
+
+        Becoming unhealthy sends ``signals.account_unhealthy`` (once per change), so a site
+        can alert someone; becoming healthy releases the mail that waited for the account.
+        """
+        became_unhealthy = health != self.health and health in (
+            self.Health.NEEDS_CONSENT,
+            self.Health.CREDENTIALS_REJECTED,
+        )
         self.health = health
         self.health_detail = detail
         self.health_checked_at = timezone.now()
@@ -255,6 +263,10 @@ class GmailAccount(models.Model):
             )
             if health == self.Health.OK:
                 self.release_deferred()
+        if became_unhealthy:
+            from .signals import account_unhealthy
+
+            account_unhealthy.send(type(self), account=self, error=error)
 
     def release_deferred(self) -> int:
         """Make mail that waited for this account to be fixed due now (the sweeper sends it)."""

@@ -343,7 +343,6 @@ def _failed_send(delivery: _Delivery, account: GmailAccount, exc: BaseException)
         return delivery.defer(Reason.QUOTA, str(exc), until, exc)
     if isinstance(exc, GmailSMTPError):
         if exc.category == "auth":
-            signals.account_unhealthy.send(GmailAccount, account=account, error=exc)
             return delivery.defer(Reason.AUTH, str(exc), None, exc)
         if exc.category == "temporary":
             return delivery.retry_or_fail(str(exc), exc)

@@ -8,8 +8,9 @@ Every signal is sent with keyword arguments only:
 - ``email_deferred``: ``outbound``, ``reason`` ("quota", "auth", "config"), ``until``
   (datetime or None: until the account is fixed), ``error`` (the exception, or None).
 - ``email_failed``: ``outbound``, ``error`` (the GmailSMTPError, or None).
-- ``account_unhealthy``: ``account``, ``error``; sent when Gmail or Google refuses an account's
-  credentials, so someone can be alerted. Its mail waits, deferred, until the account is fixed.
+- ``account_unhealthy``: ``account``, ``error``; sent when Gmail or Google starts refusing an
+  account's credentials (by either backend, a check or the admin), so someone can be alerted.
+  Its outbox mail waits, deferred, until the account is fixed.
 """
 
 from django.dispatch import Signal

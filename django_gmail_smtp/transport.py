@@ -185,7 +185,7 @@ class GmailConnection:
             self._login(credentials)
         except AuthenticationError as exc:
             if credentials.mechanism != "XOAUTH2" or exc.smtp_code != 535:
-                self.account.mark_health(exc.health, str(exc))
+                self.account.mark_health(exc.health, str(exc), exc)
                 raise
             # The token may have been revoked or expired early: refresh once and retry once.
             logger.info("Gmail rejected the access token of %s; refreshing", self.account.email)
@@ -195,7 +195,7 @@ class GmailConnection:
             try:
                 self._login(credentials)
             except AuthenticationError as exc2:
-                self.account.mark_health(exc2.health, str(exc2))
+                self.account.mark_health(exc2.health, str(exc2), exc2)
                 raise
         self._credentials = credentials
         self.logins += 1

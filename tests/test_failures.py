@@ -438,3 +438,31 @@ def test_partial_refusal_and_dot_stuffing_on_both_paths(any_sandbox, make_accoun
     assert list(message.gmail_status["refused"]) == ["bad@example.net"]
     content = any_sandbox.deliveries[0].message.get_content()
     assert content.replace("\r\n", "\n").rstrip("\n") == body
+
+
+def test_signals_from_the_sync_backend(sandbox, make_account):
+    """email_sent fires for each sync send; account_unhealthy once when credentials fail."""
+    from django_gmail_smtp import signals
+
+    account = make_account(sandbox)
+    sent, alerts = [], []
+
+    def on_sent(**kw):
+        sent.append((kw["account"].email, kw["result"].reply[:8], kw["outbound"]))
+
+    def on_unhealthy(**kw):
+        alerts.append((kw["account"].email, type(kw["error"]).__name__))
+
+    signals.email_sent.connect(on_sent, weak=False)
+    signals.account_unhealthy.connect(on_unhealthy, weak=False)
+    try:
+        send_mail("s", "b", SENDER, ["t@example.net"])
+        GmailAccount.objects.filter(pk=account.pk).update(app_password="wrongwrongwrongw")
+        for _ in range(2):
+            with pytest.raises(BadCredentials):
+                send_mail("s", "b", SENDER, ["t@example.net"])
+    finally:
+        signals.email_sent.disconnect(on_sent)
+        signals.account_unhealthy.disconnect(on_unhealthy)
+    assert sent == [(SENDER, "2.0.0 OK", None)]
+    assert alerts == [(SENDER, "BadCredentials")]  # once, not per failed send
