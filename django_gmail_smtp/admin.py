@@ -269,23 +269,23 @@ class GmailAccountAdmin(admin.ModelAdmin):
         return request.user.has_perm("django_gmail_smtp.send_test_gmailaccount")
 
     # --- actions -----------------------------------------------------------------------------
+    def _report_each(self, request: HttpRequest, queryset: QuerySet, operation) -> None:
+        """Run ``operation(account) -> (ok, text)`` on each account and show each result."""
+        for account in queryset:
+            ok, text = operation(account)
+            self.message_user(request, text, messages.SUCCESS if ok else messages.ERROR)
+
     @admin.action(description="Verify: connect and log in", permissions=["change"])
     def verify(self, request: HttpRequest, queryset: QuerySet) -> None:
-        for account in queryset:
-            ok, text = verify_account(account)
-            self.message_user(request, text, messages.SUCCESS if ok else messages.ERROR)
+        self._report_each(request, queryset, verify_account)
 
     @admin.action(description="Send a test message to me", permissions=["send_test"])
     def send_test(self, request: HttpRequest, queryset: QuerySet) -> None:
-        for account in queryset:
-            ok, text = send_test_message(account, request.user)
-            self.message_user(request, text, messages.SUCCESS if ok else messages.ERROR)
+        self._report_each(request, queryset, lambda a: send_test_message(a, request.user))
 
     @admin.action(description="Refresh the OAuth access token", permissions=["change"])
     def refresh_token_action(self, request: HttpRequest, queryset: QuerySet) -> None:
-        for account in queryset:
-            ok, text = refresh_account_token(account)
-            self.message_user(request, text, messages.SUCCESS if ok else messages.ERROR)
+        self._report_each(request, queryset, refresh_account_token)
 
     @admin.action(description="Pause sending", permissions=["change"])
     def pause(self, request: HttpRequest, queryset: QuerySet) -> None:

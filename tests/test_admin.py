@@ -293,3 +293,19 @@ def test_authorize_command_loopback_flow(sandbox, settings):
     settings.EMAIL_BACKEND = "django_gmail_smtp.backends.GmailSMTPBackend"
     assert send_mail("s", "b", "new@example.com", ["t@example.net"]) == 1
     assert sandbox.deliveries[0].user == "new@example.com"
+
+
+def test_list_actions_verify_pause_resume(client, staff, account, sandbox):
+    changelist = reverse("admin:django_gmail_smtp_gmailaccount_changelist")
+    selected = {"_selected_action": [account.pk]}
+    page = client.post(changelist, {"action": "verify", **selected}, follow=True).content.decode()
+    assert f"Verified {SENDER}: connected over verified TLS" in page
+    client.post(changelist, {"action": "pause", **selected})
+    account.refresh_from_db()
+    assert account.is_active is False
+    client.post(changelist, {"action": "resume", **selected})
+    account.refresh_from_db()
+    assert account.is_active is True
+    page = client.post(changelist, {"action": "send_test", **selected}, follow=True)
+    assert "Test message sent from" in page.content.decode()
+    assert sandbox.deliveries[0].rcpt_tos == ["admin@example.net"]
