@@ -91,9 +91,8 @@ class GmailAccountForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         for name in SECRET_FIELDS:
             self.initial[name] = ""  # never sent to the browser
-            stored = getattr(self.instance, name, "")
-            is_set = bool(stored) or getattr(stored, "ciphertext", None) is not None
-            state = "Stored (encrypted); leave empty to keep it." if is_set else "Not set."
+            stored = self.instance.has_secret(name)
+            state = "Stored (encrypted); leave empty to keep it." if stored else "Not set."
             field = self.fields[name]
             model_field = GmailAccount._meta.get_field(name)
             field.label = model_field.verbose_name[:1].upper() + model_field.verbose_name[1:]

@@ -288,15 +288,10 @@ class GmailAccount(models.Model):
         if self.pk and not self.from_settings:
             type(self).objects.filter(pk=self.pk).update(last_sent_at=self.last_sent_at)
 
-    @property
-    def has_app_password(self) -> bool:
-        return bool(self.app_password) or getattr(self.app_password, "ciphertext", None) is not None
-
-    @property
-    def has_refresh_token(self) -> bool:
-        return (
-            bool(self.refresh_token) or getattr(self.refresh_token, "ciphertext", None) is not None
-        )
+    def has_secret(self, field: str) -> bool:
+        """Whether a secret is stored in ``field`` (even one no configured key can decrypt)."""
+        value = getattr(self, field)
+        return bool(value) or isinstance(value, UnreadableSecret)
 
 
 class SenderQuota(models.Model):

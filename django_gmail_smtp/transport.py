@@ -46,12 +46,6 @@ class SendResult:
     message_id: str = ""
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
-    @property
-    def queue_id(self) -> str:
-        """Gmail's id from ``250 2.0.0 OK  1700000000 <id> - gsmtp``, if present."""
-        parts = self.reply.split()
-        return parts[-3] if len(parts) >= 5 and parts[-2] == "-" else ""
-
 
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     """A context that verifies the certificate and host name; ``ca_file`` adds trust anchors."""
@@ -524,10 +518,6 @@ class ConnectionPool:
             return self.connection(envelope.account).send(envelope)
         finally:
             self._last_used[key] = time.monotonic()
-
-    @property
-    def open_connections(self) -> int:
-        return sum(1 for c in self._connections.values() if c.is_open)
 
     def close(self) -> None:
         """QUIT every connection; never raises."""

@@ -580,17 +580,24 @@ class GmailSMTP(SMTP):
             self._reply_override = fault.reply  # replaces the greeting (None: keeps it)
         await super()._handle_client()
 
-    async def smtp_EHLO(self, hostname: str | None) -> None:
+    async def _hello(self, hostname: str | None, *, extended: bool) -> bool:
+        """What EHLO and HELO share; False when the command was already answered."""
         assert self.session is not None
         if not hostname:
             await self.push("501 5.5.4 Empty HELO/EHLO argument not allowed, closing connection.")
             self.close_connection()
-            return
+            return False
         if await self._fault("ehlo"):
-            return
+            return False
         self._set_rset_state()
-        self.session.extended_smtp = True
+        self.session.extended_smtp = extended
         self.session.host_name = hostname
+        return True
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if not await self._hello(hostname, extended=True):
+            return
+        assert self.session is not None
         peer = self.session.peer[0] if isinstance(self.session.peer, tuple) else self.session.peer
         lines = [f"{self.hostname} at your service, [{peer}]"]
         if self._config.size_limit:
@@ -600,23 +607,16 @@ class GmailSMTP(SMTP):
             lines.append("STARTTLS")
         else:  # after TLS, or on the deliberately broken plaintext server
             lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
-        lines += ["ENHANCEDSTATUSCODES", "PIPELINING", "SMTPUTF8"]
-        if not self._config.pipelining:
-            lines.remove("PIPELINING")
+        lines.append("ENHANCEDSTATUSCODES")
+        if self._config.pipelining:
+            lines.append("PIPELINING")
+        lines.append("SMTPUTF8")
         for index, line in enumerate(lines):
             await self.push(f"250{' ' if index == len(lines) - 1 else '-'}{line}")
 
     async def smtp_HELO(self, hostname: str | None) -> None:
-        assert self.session is not None
-        if not hostname:
-            await self.push("501 5.5.4 Empty HELO/EHLO argument not allowed, closing connection.")
-            self.close_connection()
+        if not await self._hello(hostname, extended=False):
             return
-        if await self._fault("ehlo"):
-            return
-        self._set_rset_state()
-        self.session.extended_smtp = False
-        self.session.host_name = hostname
         await self.push(f"250 {self.hostname} at your service")
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
