@@ -11,6 +11,9 @@ import pytest
 from django_gmail_smtp.models import GmailAccount
 from tests.celery_app import app as celery_app  # noqa: F401  (the app tasks are sent with)
 
+# The sandbox fixtures (gmail_sandbox, gmail_sandbox_ssl): the plugin is opt-in, as for users.
+pytest_plugins = ["django_gmail_smtp.testing.pytest_plugin"]
+
 APP_PASSWORD = "abcdefghijklmnop"
 SENDER = "sender@example.com"
 ALIAS = "alias@example.com"

@@ -7,8 +7,17 @@ OAuth token endpoint, for tests and offline development.
         sb.add_user("me@example.com", app_password="abcd efgh ijkl mnop")
         ...
 
-Importing this package does not import Django.
+Importing this package does not import Django. It needs the ``sandbox`` extra
+(``pip install "django-gmail-smtp[sandbox]"``), which brings aiosmtpd.
 """
+
+try:
+    import aiosmtpd  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised in a venv without the extra
+    raise ImportError(
+        "The Gmail sandbox (django_gmail_smtp.testing, manage.py gmail_sandbox) needs aiosmtpd, "
+        "which is not installed. Install the extra: pip install 'django-gmail-smtp[sandbox]'"
+    ) from exc
 
 from .certs import CertificateFiles, client_ssl_context, ensure_certificates
 from .server import (
