@@ -3,18 +3,22 @@
 Secrets are write-only: forms show whether one is set, never its value. Permissions:
 ``view_gmailaccount`` (the pages), ``change_gmailaccount`` (edit, verify, pause, refresh),
 ``connect_gmailaccount`` (Connect with Google), ``send_test_gmailaccount`` (test mail),
-``retry_outboundemail`` (retry or cancel outbox mail).
+``retry_outboundemail`` (retry or cancel outbox mail), ``view_body_outboundemail`` (read and
+search message bodies). Changelists accept only the query-string filters they offer.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ImproperlyConfigured, PermissionDenied
-from django.db.models import QuerySet
+from django.db import connections
+from django.db.models import F, Func, QuerySet, TextField, Value
+from django.db.models.functions import Cast
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -33,6 +37,83 @@ logger = logging.getLogger(__name__)
 SECRET_FIELDS = ("app_password", "client_secret", "refresh_token", "service_account_key")
 CREDENTIAL_FIELDS = (*SECRET_FIELDS, "auth_method", "client_id", "email")
 SESSION_KEY = "gmail_smtp_oauth"
+#: Seconds a started Connect with Google waits for Google's answer.
+PENDING_CONNECT_LIFETIME = 600
+#: Connections one browser session may have pending at once (several tabs).
+MAX_PENDING_CONNECTS = 5
+STORED, NOT_SET = "Stored (encrypted)", "Not set"
+
+
+class SecretTextarea(forms.Textarea):
+    """A textarea that never renders a value, not even one just submitted."""
+
+    def format_value(self, value: Any) -> None:
+        return None
+
+
+class OfferedLookupsOnly:
+    """Changelist filters from the query string only as the admin offers them.
+
+    Django allows any lookup on a local field (``?mime__regex=``, ``?app_password__startswith=``),
+    which lets a viewer probe values they cannot see, one character at a time. Here a lookup
+    is allowed only if a ``list_filter`` or the ``date_hierarchy`` would produce it; any other
+    gets Django's 400 (``DisallowedModelAdminLookup``).
+    """
+
+    def offered_lookups(self, request: HttpRequest | None) -> frozenset[str]:
+        """The query-string parameters this changelist's own filters use."""
+        list_filter = tuple(self.get_list_filter(request))
+        key = (list_filter, self.date_hierarchy)
+        cache = self.__dict__.setdefault("_gms_offered_lookups", {})
+        if key not in cache:
+            # Filter specs of relations query their choices: build them once, not per request.
+            cache[key] = frozenset(self._filter_parameters(request, list_filter))
+        return cache[key]
+
+    def _filter_parameters(self, request: HttpRequest | None, list_filter: tuple) -> set[str]:
+        from django.contrib.admin.filters import FieldListFilter, ListFilter
+        from django.contrib.admin.utils import get_fields_from_path
+
+        offered: set[str] = set()
+        for item in list_filter:
+            if isinstance(item, type) and issubclass(item, ListFilter):
+                spec = item(request, {}, self.model, self)
+            else:
+                path, factory = item if isinstance(item, (list, tuple)) else (item, None)
+                field = get_fields_from_path(self.model, path)[-1]
+                factory = factory or FieldListFilter.create
+                spec = factory(field, request, {}, self.model, self, field_path=path)
+            offered.update(spec.expected_parameters())
+        if self.date_hierarchy:
+            parts = ("year", "month", "day", "gte", "lt")
+            offered.update(f"{self.date_hierarchy}__{part}" for part in parts)
+        return offered
+
+    # Django < 5.0 calls lookup_allowed(lookup, value) without the request.
+    def lookup_allowed(self, lookup: str, value: Any, request: HttpRequest | None = None) -> bool:
+        return lookup in self.offered_lookups(request) and self._date_part_valid(lookup, value)
+
+    def _date_part_valid(self, lookup: str, value: Any) -> bool:
+        # Django turns date_hierarchy parts into datetime() and catches only ValueError, so
+        # `?created_at__year=99999999999999999999` would be a 500 (OverflowError).
+        ranges = {"year": (1000, 9998), "month": (1, 12), "day": (1, 31)}
+        for part, (low, high) in ranges.items():
+            if self.date_hierarchy and lookup == f"{self.date_hierarchy}__{part}":
+                text = str(value)
+                return len(text) <= 4 and text.isdecimal() and low <= int(text) <= high
+        return True
+
+
+def _secret_state(name: str):
+    """A read-only column for a secret: whether one is stored, never its value."""
+    model_field = GmailAccount._meta.get_field(name)
+
+    @admin.display(description=model_field.verbose_name)
+    def state(self, obj: GmailAccount) -> str:
+        return STORED if obj.has_secret(name) else NOT_SET
+
+    state.__name__ = f"{name}_state"
+    return state
 
 
 # --- sender accounts ---------------------------------------------------------------------------
@@ -57,7 +138,7 @@ class GmailAccountForm(forms.ModelForm):
     )
     service_account_key = forms.CharField(
         required=False,
-        widget=forms.Textarea(attrs={"rows": 4, "autocomplete": "off"}),
+        widget=SecretTextarea(attrs={"rows": 4, "autocomplete": "off"}),
         help_text="Paste the service account's JSON key file.",
     )
     clear_secrets = forms.MultipleChoiceField(
@@ -92,7 +173,7 @@ class GmailAccountForm(forms.ModelForm):
         for name in SECRET_FIELDS:
             self.initial[name] = ""  # never sent to the browser
             stored = self.instance.has_secret(name)
-            state = "Stored (encrypted); leave empty to keep it." if stored else "Not set."
+            state = f"{STORED}; leave empty to keep it." if stored else f"{NOT_SET}."
             field = self.fields[name]
             model_field = GmailAccount._meta.get_field(name)
             field.label = model_field.verbose_name[:1].upper() + model_field.verbose_name[1:]
@@ -126,13 +207,19 @@ def _status(account: GmailAccount) -> quota.QuotaStatus:
 
 
 @admin.register(GmailAccount)
-class GmailAccountAdmin(admin.ModelAdmin):
+class GmailAccountAdmin(OfferedLookupsOnly, admin.ModelAdmin):
     form = GmailAccountForm
     list_display = ("email", "auth_method", "health_badge", "quota_bar", "last_send", "active")
     list_filter = ("auth_method", "health", "is_active", "limits_preset")
     search_fields = ("email", "send_as_aliases")
     actions = ["verify", "send_test", "refresh_token_action", "pause", "resume"]
     readonly_fields = ("health", "health_detail", "health_checked_at", "last_sent_at", "quota")
+    # Shown instead of a secret wherever it would be read-only (view-only users).
+    secret_states = {name: f"{name}_state" for name in SECRET_FIELDS}
+    app_password_state = _secret_state("app_password")
+    client_secret_state = _secret_state("client_secret")
+    refresh_token_state = _secret_state("refresh_token")
+    service_account_key_state = _secret_state("service_account_key")
     change_form_template = "admin/django_gmail_smtp/gmailaccount/change_form.html"
     change_list_template = "admin/django_gmail_smtp/gmailaccount/change_list.html"
     fieldsets = (
@@ -255,14 +342,31 @@ class GmailAccountAdmin(admin.ModelAdmin):
             raise PermissionDenied
 
     def get_fieldsets(self, request: HttpRequest, obj=None):
-        if obj is not None:
-            return self.fieldsets
-        # Adding: nothing stored to remove yet, no health to show.
-        fieldsets = [fs for fs in self.fieldsets if fs[0] != "Health"]
-        credentials = fieldsets[1][1]
-        fields = tuple(f for f in credentials["fields"] if f != "clear_secrets")
-        fieldsets[1] = (fieldsets[1][0], {**credentials, "fields": fields})
-        return fieldsets
+        if obj is None:
+            # Adding: nothing stored to remove yet, no health to show.
+            fieldsets = [fs for fs in self.fieldsets if fs[0] != "Health"]
+            credentials = fieldsets[1][1]
+            fields = tuple(f for f in credentials["fields"] if f != "clear_secrets")
+            fieldsets[1] = (fieldsets[1][0], {**credentials, "fields": fields})
+            return fieldsets
+        if not self.has_change_permission(request, obj):
+            # Django renders read-only fields with their model value: the decrypted secret.
+            return self._secrets_as_states(self.fieldsets)
+        return self.fieldsets
+
+    def _secrets_as_states(self, fieldsets) -> list:
+        """The fieldsets with each secret replaced by its "Stored (encrypted)"/"Not set" state."""
+        result = []
+        for name, options in fieldsets:
+            fields = tuple(
+                self.secret_states.get(f, f) for f in options["fields"] if f != "clear_secrets"
+            )
+            result.append((name, {**options, "fields": fields}))
+        return result
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        # The states are never form fields; listing them keeps them out of the ModelForm.
+        return (*super().get_readonly_fields(request, obj), *self.secret_states.values())
 
     def has_send_test_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("django_gmail_smtp.send_test_gmailaccount")
@@ -378,12 +482,17 @@ class GmailAccountAdmin(admin.ModelAdmin):
         except ImproperlyConfigured as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return HttpResponseRedirect(change_url)
-        request.session[SESSION_KEY] = {
-            "state": flow.state,
-            "verifier": flow.verifier,
-            "account": account.pk,
-            "redirect_uri": flow.redirect_uri,
-        }
+        pending = _pending_connections(request)
+        pending.append(
+            {
+                "state": flow.state,
+                "verifier": flow.verifier,
+                "account": account.pk,
+                "redirect_uri": flow.redirect_uri,
+                "expires": time.time() + PENDING_CONNECT_LIFETIME,
+            }
+        )
+        request.session[SESSION_KEY] = pending[-MAX_PENDING_CONNECTS:]
         return HttpResponseRedirect(flow.url)
 
     def oauth_callback_view(self, request: HttpRequest):
@@ -391,16 +500,23 @@ class GmailAccountAdmin(admin.ModelAdmin):
         from .credentials import finish_authorization
 
         self._require(request, "connect_gmailaccount")
-        pending = request.session.pop(SESSION_KEY, None)
+        pending_list = _pending_connections(request)
         state = request.GET.get("state", "")
-        if not pending or not constant_time_compare(state, pending.get("state", "")):
+        pending = next(
+            (p for p in pending_list if state and constant_time_compare(state, p["state"])), None
+        )
+        if pending is None:
+            # Leave pending connections alone: a forged or stale answer must not cancel them.
             self.message_user(
                 request,
                 "This Connect with Google answer does not match a connection started from this "
-                "browser session (wrong or reused state). Start again from the account page.",
+                "browser session in the last "
+                f"{PENDING_CONNECT_LIFETIME // 60} minutes (wrong, reused or expired state). "
+                "Start again from the account page.",
                 messages.ERROR,
             )
             return HttpResponseRedirect(reverse("admin:django_gmail_smtp_gmailaccount_changelist"))
+        request.session[SESSION_KEY] = [p for p in pending_list if p is not pending]  # used once
         account = get_object_or_404(GmailAccount, pk=pending["account"])
         change_url = reverse("admin:django_gmail_smtp_gmailaccount_change", args=[account.pk])
         error = request.GET.get("error")
@@ -454,6 +570,21 @@ class GmailAccountAdmin(admin.ModelAdmin):
         extra["gms_can_connect"] = user.has_perm("django_gmail_smtp.connect_gmailaccount")
         extra["gms_can_send_test"] = user.has_perm("django_gmail_smtp.send_test_gmailaccount")
         return super().change_view(request, object_id, form_url, extra)
+
+
+def _pending_connections(request: HttpRequest) -> list[dict[str, Any]]:
+    """This session's unexpired Connect with Google flows; expired ones are dropped."""
+    stored = request.session.get(SESSION_KEY)
+    entries = stored if isinstance(stored, list) else []
+    now = time.time()
+    live = [
+        p
+        for p in entries
+        if isinstance(p, dict) and isinstance(p.get("expires"), (int, float)) and p["expires"] > now
+    ]
+    if stored is not None and live != stored:
+        request.session[SESSION_KEY] = live
+    return live
 
 
 def render_quota_bar(status: quota.QuotaStatus) -> str:
@@ -551,8 +682,16 @@ class AttemptInline(admin.TabularInline):
         return False
 
 
+def _message_text(queryset: QuerySet) -> Func:
+    """The stored message (headers and body) as text the database can search."""
+    if connections[queryset.db].vendor == "postgresql":
+        # bytea::text is hex; encode(..., 'escape') keeps ASCII and never fails on bad UTF-8.
+        return Func(F("mime"), Value("escape"), function="encode", output_field=TextField())
+    return Cast("mime", TextField())
+
+
 @admin.register(OutboundEmail)
-class OutboundEmailAdmin(admin.ModelAdmin):
+class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
     class Media:
         css = {"all": ["django_gmail_smtp/admin.css"]}
 
@@ -568,7 +707,9 @@ class OutboundEmailAdmin(admin.ModelAdmin):
     list_display_links = ("subject_short",)
     list_filter = ("status", "priority", "account", "reason", "created_at")
     date_hierarchy = "created_at"
+    # Shown to every viewer anyway; the message itself is searched only with view_body.
     search_fields = ("subject", "message_id", "recipients", "account_email")
+    message_search_field = "gms_message_text"
     inlines = [AttemptInline]
     actions = ["retry_now", "cancel"]
     list_per_page = 50
@@ -600,6 +741,7 @@ class OutboundEmailAdmin(admin.ModelAdmin):
                     "sent_at",
                     "gmail_reply",
                     "refused_list",
+                    "retry_of",  # recipients Gmail refused temporarily are retried in a new row
                     "created_at",
                     "updated_at",
                 )
@@ -612,6 +754,19 @@ class OutboundEmailAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return super().get_queryset(request).defer("mime")
+
+    def can_read_bodies(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("django_gmail_smtp.view_body_outboundemail")
+
+    def get_search_fields(self, request: HttpRequest):
+        if self.can_read_bodies(request):
+            return (*self.search_fields, self.message_search_field)
+        return self.search_fields
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        if search_term and self.message_search_field in self.get_search_fields(request):
+            queryset = queryset.annotate(**{self.message_search_field: _message_text(queryset)})
+        return super().get_search_results(request, queryset, search_term)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -675,14 +830,21 @@ class OutboundEmailAdmin(admin.ModelAdmin):
         )
 
     def get_fieldsets(self, request: HttpRequest, obj=None):
-        if request.user.has_perm("django_gmail_smtp.view_body_outboundemail"):
+        if self.can_read_bodies(request):
             return self.fieldsets
         return (*self.fieldsets[:-1], ("Message", {"fields": ("preview_hidden",)}))
 
     @admin.action(description="Retry now", permissions=["retry"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet) -> None:
         count = outbox.retry(queryset)
-        self.message_user(request, f"{count} message(s) handed to Celery again.")
+        text = f"{count} message(s) handed to Celery again."
+        skipped = outbox.body_dropped(queryset.exclude(status=OutboundEmail.Status.SENT))
+        if skipped:
+            text += (
+                f" {skipped} message(s) could not be retried: their stored message was dropped "
+                "after BODY_RETENTION_DAYS."
+            )
+        self.message_user(request, text, messages.WARNING if skipped else messages.SUCCESS)
 
     @admin.action(description="Cancel (not sent yet)", permissions=["retry"])
     def cancel(self, request: HttpRequest, queryset: QuerySet) -> None:

@@ -325,6 +325,11 @@ def default_account() -> GmailAccount:
 
 # --- consent: the OAuth 2.0 authorization-code flow with PKCE ----------------------------------
 
+#: Gmail SMTP plus the consenting user's identity (an id_token with the email address), so a
+#: grant made by another Google user is refused instead of replacing working credentials.
+CONSENT_SCOPE = f"{GMAIL_SCOPE} openid email"
+GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+
 
 @dataclass(frozen=True)
 class Authorization:
@@ -370,7 +375,7 @@ def start_authorization(account: GmailAccount, redirect_uri: str) -> Authorizati
         "client_id": client_id,
         "redirect_uri": redirect_uri,
         "response_type": "code",
-        "scope": GMAIL_SCOPE,
+        "scope": CONSENT_SCOPE,
         "access_type": "offline",
         "prompt": "consent",
         "state": state,
@@ -386,7 +391,12 @@ def start_authorization(account: GmailAccount, redirect_uri: str) -> Authorizati
 def finish_authorization(
     account: GmailAccount, *, code: str, verifier: str, redirect_uri: str
 ) -> GmailAccount:
-    """Exchange the authorization code and store the tokens (encrypted) on the account."""
+    """Exchange the authorization code and store the tokens (encrypted) on the account.
+
+    The grant is stored only if the Google user who consented (the token answer's id_token)
+    is the account's address or one of its configured send-as aliases; otherwise
+    ``OAuthClientError`` is raised and the stored credentials are left as they were.
+    """
     import requests
 
     client_id, secret = oauth_client(account)
@@ -436,6 +446,7 @@ def finish_authorization(
             hint="Remove this app's access at https://myaccount.google.com/permissions and "
             "connect again, so Google asks for consent and issues a refresh token.",
         )
+    _check_identity(account, _consented_address(account, data, client_id))
     account.auth_method = GmailAccount.AuthMethod.OAUTH2
     account.refresh_token = refresh
     account.access_token = data.get("access_token", "")
@@ -446,3 +457,80 @@ def finish_authorization(
     account.release_deferred()  # mail that waited for new credentials is tried again
     logger.info("Connected %s with Google (OAuth2)", account.email)
     return account
+
+
+def _jwt_claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT, unverified: ``ValueError`` if it is not one."""
+    import base64
+    import binascii
+
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValueError("not a JWT") from None
+    if not isinstance(claims, dict):
+        raise ValueError("not a JWT")
+    return claims
+
+
+@sensitive_variables("data")
+def _consented_address(account: GmailAccount, data: dict[str, Any], client_id: str) -> str:
+    """The verified address of the Google user who consented, from the token answer.
+
+    The id_token came straight from the token endpoint over TLS, so (per Google's OpenID
+    Connect docs) its signature need not be checked; its issuer and audience are.
+    """
+    kept = f"Nothing was changed: the stored credentials of {account.email} were kept."
+    token = data.get("id_token")
+    if not token or not isinstance(token, str):
+        raise OAuthClientError(
+            f"Google's answer does not say which Google user consented (no id_token, so the "
+            f"scopes 'openid email' were not granted). {kept}",
+            account=account.email,
+            phase="consent",
+            hint="Connect again and allow Google to share the account's email address; check "
+            "that the OAuth consent screen in the Google Cloud console lists the scopes "
+            "openid and email (.../auth/userinfo.email).",
+        )
+    try:
+        claims = _jwt_claims(token)
+    except ValueError:
+        claims = {}
+    audience = claims.get("aud")
+    audiences = audience if isinstance(audience, list) else [audience]
+    if claims.get("iss") not in GOOGLE_ISSUERS or client_id not in audiences:
+        raise OAuthClientError(
+            f"Google's answer carries an id_token that was not issued by Google for this OAuth "
+            f"client. {kept}",
+            account=account.email,
+            phase="consent",
+            hint="Check TOKEN_URI in GMAIL_SMTP (it must be Google's token endpoint) and "
+            "connect again.",
+        )
+    email = claims.get("email")
+    if not email or claims.get("email_verified") not in (True, "true"):
+        raise OAuthClientError(
+            f"Google's answer does not give a verified email address for the Google user who "
+            f"consented. {kept}",
+            account=account.email,
+            phase="consent",
+            hint="Connect again and allow Google to share the account's email address.",
+        )
+    return normalize_address(str(email))
+
+
+def _check_identity(account: GmailAccount, consented: str) -> None:
+    """Refuse a grant made by a Google user who is not the account (nor a configured alias)."""
+    if consented == normalize_address(account.email) or consented in account.aliases():
+        return
+    raise OAuthClientError(
+        f"The Google user {consented} consented, but this connection was for {account.email}; "
+        f"the new token was discarded and the stored credentials of {account.email} were kept",
+        account=account.email,
+        phase="consent",
+        hint=f"Connect again and sign in to Google as {account.email} (on Google's page, choose "
+        "'Use another account' if another user is signed in). If "
+        f"{consented} is a verified send-as alias of this account, add it to the account's "
+        "send-as aliases first.",
+    )

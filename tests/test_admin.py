@@ -134,7 +134,7 @@ def test_connect_with_google_flow(client, staff, sandbox, make_account, settings
     consent = urlsplit(response["Location"])
     params = parse_qs(consent.query)
     assert params["access_type"] == ["offline"] and params["prompt"] == ["consent"]
-    assert params["scope"] == ["https://mail.google.com/"]
+    assert params["scope"] == ["https://mail.google.com/ openid email"]
     assert params["code_challenge_method"] == ["S256"] and params["login_hint"] == [SENDER]
     assert params["redirect_uri"] == [
         "http://testserver/admin/django_gmail_smtp/gmailaccount/oauth/callback/"

@@ -6,8 +6,16 @@
 - ``POST /token``: the ``refresh_token``, ``authorization_code`` (with PKCE) and
   ``urn:ietf:params:oauth:grant-type:jwt-bearer`` (service account, domain-wide delegation)
   grants, with Google's error bodies;
-- ``GET /authorize``: the consent screen, answered at once with a redirect;
+- ``GET /authorize``: the consent screen, answered at once with a redirect; the consenting
+  Google user is ``authuser`` (the account picked on the consent page), else
+  ``OAuthAuthority.consent_user``, else ``login_hint``, else the sandbox's first user;
 - ``POST /revoke``: token revocation.
+
+Like Google, a code granted with the ``openid`` scope is exchanged for an ``id_token`` too: a JWT
+naming the consenting user (``sub``; ``email`` and ``email_verified`` with the ``email``
+scope), with ``aud`` the client id and ``iss`` ``https://accounts.google.com``. It is signed
+HS256 with the client secret (Google signs RS256): clients that receive it straight from the
+token endpoint need not check the signature.
 
 Token lifetimes run on the real clock (``time.time``), since the client computing its token's
 expiry does too; the sandbox's settable clock only drives the sending quota.
@@ -36,7 +44,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-__all__ = ["MAIL_SCOPE", "OAuthAuthority", "TokenResponse", "TokenServer", "UserDirectory"]
+__all__ = [
+    "MAIL_SCOPE",
+    "OAuthAuthority",
+    "TokenResponse",
+    "TokenServer",
+    "UserDirectory",
+    "make_id_token",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +71,13 @@ JWT_MAX_LIFETIME = 3600
 JWT_LEEWAY = 300
 
 INVALID_GRANT_REVOKED = "Token has been expired or revoked."
+
+ID_TOKEN_ISSUER = "https://accounts.google.com"
+# Google reports the short identity scopes by their full names in a token answer.
+SCOPE_NAMES = {
+    "email": "https://www.googleapis.com/auth/userinfo.email",
+    "profile": "https://www.googleapis.com/auth/userinfo.profile",
+}
 
 
 class UserDirectory(Protocol):
@@ -136,6 +158,41 @@ def _b64url_decode(data: str) -> bytes:
     return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _granted_scope(scope: str) -> str:
+    """The scope as Google's token endpoint reports it (``email`` -> ``.../userinfo.email``)."""
+    return " ".join(SCOPE_NAMES.get(s, s) for s in scope.split())
+
+
+def _scope_has(scope: str, short_name: str) -> bool:
+    names = scope.split()
+    return short_name in names or SCOPE_NAMES.get(short_name) in names
+
+
+def make_id_token(
+    email: str, client_id: str, key: str, *, with_email: bool = True, now: float | None = None
+) -> str:
+    """An OpenID Connect id_token for ``email``, as the token endpoint returns it (HS256)."""
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "iss": ID_TOKEN_ISSUER,
+        "azp": client_id,
+        "aud": client_id,
+        "sub": str(int.from_bytes(hashlib.sha256(email.lower().encode()).digest()[:8], "big")),
+        "iat": issued,
+        "exp": issued + ACCESS_TOKEN_LIFETIME,
+    }
+    if with_email:
+        claims.update(email=email, email_verified=True)
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = _b64url(json.dumps(claims).encode())
+    signature = hmac.new(key.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64url(signature)}"
+
+
 def _pkce_s256(verifier: str) -> str:
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
@@ -153,7 +210,7 @@ class OAuthAuthority:
     rotate_refresh_tokens: bool = False
     """Refreshing returns a new refresh token and invalidates the old one."""
     consent_user: str | None = None
-    """Who consents at ``/authorize``, overriding ``login_hint``."""
+    """Who consents at ``/authorize``, overriding ``login_hint`` (not ``authuser``)."""
     consent_error: str | None = None
     """If set (e.g. ``"access_denied"``), ``/authorize`` redirects with this error."""
 
@@ -309,7 +366,7 @@ class OAuthAuthority:
             return _ErrorPage(400, "invalid_request", "Invalid code_challenge_method.")
         if self.consent_error:
             return _Redirect(_with_query(redirect_uri, error=self.consent_error, state=state))
-        email = self._consenting_user(params.get("login_hint", ""))
+        email = self._consenting_user(params.get("authuser", ""), params.get("login_hint", ""))
         if email is None:
             return _ErrorPage(400, "access_denied", "The sandbox has no user to consent.")
         code = "4/0" + secrets.token_urlsafe(40)
@@ -391,20 +448,24 @@ class OAuthAuthority:
                 expected = _pkce_s256(verifier) if code.challenge_method == "S256" else verifier
                 if not hmac.compare_digest(expected.encode(), code.challenge.encode()):
                     return _error(400, "invalid_grant", "Invalid code verifier.")
-            refresh = self.issue_refresh_token(code.email, client_id, code.scope)
+            scope = _granted_scope(code.scope)
+            refresh = self.issue_refresh_token(code.email, client_id, scope)
             access = self.issue_access_token(
-                code.email, ACCESS_TOKEN_LIFETIME, scope=code.scope, refresh_token=refresh
+                code.email, ACCESS_TOKEN_LIFETIME, scope=scope, refresh_token=refresh
             )
-        return TokenResponse(
-            200,
-            {
-                "access_token": access,
-                "expires_in": ACCESS_TOKEN_LIFETIME,
-                "refresh_token": refresh,
-                "scope": code.scope,
-                "token_type": "Bearer",
-            },
-        )
+            secret = self._clients[client_id].secret
+        body = {
+            "access_token": access,
+            "expires_in": ACCESS_TOKEN_LIFETIME,
+            "refresh_token": refresh,
+            "scope": scope,
+            "token_type": "Bearer",
+        }
+        if _scope_has(scope, "openid"):
+            body["id_token"] = make_id_token(
+                code.email, client_id, secret, with_email=_scope_has(scope, "email"), now=self.now()
+            )
+        return TokenResponse(200, body)
 
     def _jwt_grant(self, form: Mapping[str, str]) -> TokenResponse:
         try:
@@ -474,8 +535,8 @@ class OAuthAuthority:
             raise ValueError(f"no sandbox user {email!r}; add_user() first")
         return user
 
-    def _consenting_user(self, login_hint: str) -> str | None:
-        for candidate in (self.consent_user, login_hint):
+    def _consenting_user(self, authuser: str, login_hint: str) -> str | None:
+        for candidate in (authuser, self.consent_user, login_hint):
             if candidate:
                 user = self.users.canonical_user(candidate)
                 if user is not None:

@@ -85,11 +85,13 @@ class Command(BaseCommand):
 
         purge = sub.add_parser(
             "purge",
-            help="delete old sent mail and drop the bodies of sent mail",
-            description="Delete sent (and cancelled) outbox rows older than "
-            "--delete-sent-after days, and drop the stored message of sent mail older than "
-            "--drop-bodies-after days (the row, its status and attempt log stay). Run it daily, "
-            "e.g. from cron or Celery beat.",
+            help="delete old finished mail and drop the bodies of finished mail",
+            description="Delete finished outbox rows (sent, failed, cancelled) older than "
+            "--delete-sent-after days, and drop the stored message of finished mail older than "
+            "--drop-bodies-after days (the row, its status and attempt log stay; a failed row "
+            "without its message can no longer be retried). Age counts from sending, or from "
+            "failing or cancelling. Queued and deferred mail keeps its message: it is still to "
+            "be sent. Run it daily, e.g. from cron or Celery beat.",
             **kw,
         )
         purge.add_argument("--delete-sent-after", type=int, metavar="DAYS", default=None)
@@ -237,9 +239,17 @@ class Command(BaseCommand):
 
     def handle_retry(self, ids, status=None, account=None, before=None, **options: Any) -> None:
         from django_gmail_smtp import outbox
+        from django_gmail_smtp.models import OutboundEmail
 
-        count = outbox.retry(self._selection(ids, status, account, before))
+        selection = self._selection(ids, status, account, before)
+        count = outbox.retry(selection)
         self.stdout.write(self.style.SUCCESS(f"Retried {count} message(s) now."))
+        skipped = outbox.body_dropped(selection.exclude(status=OutboundEmail.Status.SENT))
+        if skipped:
+            self.stderr.write(
+                f"{skipped} message(s) could not be retried: their stored message was dropped "
+                "after BODY_RETENTION_DAYS."
+            )
 
     def handle_cancel(self, ids, status=None, account=None, before=None, **options: Any) -> None:
         from django_gmail_smtp import outbox
@@ -300,6 +310,7 @@ class Command(BaseCommand):
                 flow = start_authorization(account, receiver.redirect_uri)
             except ImproperlyConfigured as exc:
                 raise CommandError(str(exc)) from None
+            receiver.expect(flow.state)
             self.stdout.write(
                 f"Open this URL in a browser on this machine, sign in as {address} and allow "
                 f"access:\n\n  {flow.url}\n\nWaiting up to {timeout:g} s for Google's answer "
@@ -327,9 +338,9 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Google did not grant access: {answer['error']}. Nothing was changed."
             )
-        if created or client_id or client_secret:
-            account.save()
         try:
+            # Saves the account (and a new client id/secret) only once the grant is accepted,
+            # so a refused grant leaves the stored credentials as they were.
             finish_authorization(
                 account,
                 code=answer.get("code", ""),
@@ -337,8 +348,6 @@ class Command(BaseCommand):
                 redirect_uri=flow.redirect_uri,
             )
         except (GmailSMTPError, ImproperlyConfigured) as exc:
-            if created:
-                account.delete()  # no half-made account left behind to route mail to
             raise CommandError(f"Not connected: {exc}") from None
         self.stdout.write(
             self.style.SUCCESS(
