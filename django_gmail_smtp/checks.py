@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
@@ -15,26 +17,41 @@ BACKENDS = (
     "django_gmail_smtp.backends.GmailSMTPBackend",
     "django_gmail_smtp.backends.CeleryGmailBackend",
 )
+SETTINGS_NAME = "GMAIL_SMTP"
 
 
 def backend_in_use() -> bool:
     """True when EMAIL_BACKEND or any MAILERS entry names one of our backends."""
     if legacy_email_setting("EMAIL_BACKEND", "") in BACKENDS:
         return True
+    return bool(_our_mailers())
+
+
+def _our_mailers() -> dict[str, Mapping[str, Any]]:
+    """The MAILERS entries (Django 6.1) that use one of our backends, by alias."""
     mailers = getattr(settings, "MAILERS", None) or {}
-    return any((cfg or {}).get("BACKEND") in BACKENDS for cfg in mailers.values())
+    return {
+        alias: cfg
+        for alias, cfg in mailers.items()
+        if isinstance(cfg, Mapping) and cfg.get("BACKEND") in BACKENDS
+    }
 
 
 @register("email")
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
     from .conf import connection_settings, user_settings
 
-    messages: list = []
+    messages: list = _check_settings_name()
     try:
-        user_settings()
-        _host, port, security = connection_settings()
+        user = user_settings()
     except GmailConfigurationError as exc:
-        return [Error(str(exc), id="django_gmail_smtp.E001")]
+        return [*messages, Error(str(exc), id="django_gmail_smtp.E001")]
+    messages += _check_unknown_keys(user)
+    errors = _check_setting_types(user)
+    if errors:
+        # The checks below read these values; they would only repeat the same errors.
+        return messages + errors
+    _host, port, security = connection_settings()
     if (port == 465 and security == "starttls") or (port == 587 and security == "ssl"):
         messages.append(
             Error(
@@ -80,6 +97,70 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
     return messages
 
 
+def _check_settings_name() -> list:
+    """W008: a setting named like GMAIL_SMTP (GMAIL_SMPT, GMAILSMTP) is never read."""
+    names = [n for n in dir(settings) if n.isupper() and n != SETTINGS_NAME]
+    return [
+        Warning(
+            f"The setting {name} is not read by django_gmail_smtp; did you mean {SETTINGS_NAME}?",
+            hint=f"Rename {name} to {SETTINGS_NAME}.",
+            id="django_gmail_smtp.W008",
+        )
+        for name in difflib.get_close_matches(SETTINGS_NAME, names, n=3, cutoff=0.8)
+    ]
+
+
+def _check_unknown_keys(user: Mapping[str, Any]) -> list:
+    """W007: a key GMAIL_SMTP does not have (a typo such as POTR, or a lower-case port)."""
+    from .conf import closest_key, known_keys
+
+    known = set(known_keys())
+    messages = []
+    for key in user:
+        if isinstance(key, str) and key in known:
+            continue
+        suggestion = closest_key(str(key))
+        if suggestion is None:
+            hint = f"Remove it; the keys are: {', '.join(sorted(known))}."
+        elif suggestion == str(key).upper():
+            hint = f'Did you mean "{suggestion}"? The keys are upper case.'
+        else:
+            hint = f'Did you mean "{suggestion}"?'
+        messages.append(
+            Warning(
+                f"{SETTINGS_NAME} has an unknown key {key!r}, which is ignored.",
+                hint=hint,
+                id="django_gmail_smtp.W007",
+            )
+        )
+    return messages
+
+
+def _check_setting_types(user: Mapping[str, Any]) -> list:
+    """E005: a GMAIL_SMTP value (or EMAIL_TIMEOUT) of the wrong type or out of range;
+    E006: the same for the OPTIONS of a MAILERS entry that uses our backend."""
+    from .conf import SETTINGS, setting_errors, validate_options
+
+    hint = "Correct the value in your settings; leaving the key out uses the default."
+    errors = [Error(text, hint=hint, id="django_gmail_smtp.E005") for text in setting_errors(user)]
+    if backend_in_use():
+        for spec in SETTINGS.values():
+            value = legacy_email_setting(spec.legacy) if spec.legacy else None
+            if value is not None and user.get(spec.name) is None:
+                try:
+                    spec.check(value, spec.legacy)
+                except GmailConfigurationError as exc:
+                    errors.append(Error(str(exc), hint=hint, id="django_gmail_smtp.E005"))
+    for alias, cfg in _our_mailers().items():
+        options = cfg.get("OPTIONS") or {}
+        source = f'MAILERS["{alias}"]["OPTIONS"]'
+        errors += [
+            Error(text, hint=hint, id="django_gmail_smtp.E006")
+            for text in validate_options(options, source=source)
+        ]
+    return errors
+
+
 def _check_outbox_settings() -> list:
     from django.db import connections
 
@@ -100,8 +181,7 @@ def _check_outbox_settings() -> list:
     alias = str(get_setting("QUOTA_DATABASE") or "default")
     db = settings.DATABASES.get(alias, {})
     uses_sync = legacy_email_setting("EMAIL_BACKEND", "") == BACKENDS[0] or any(
-        (cfg or {}).get("BACKEND") == BACKENDS[0]
-        for cfg in (getattr(settings, "MAILERS", None) or {}).values()
+        cfg.get("BACKEND") == BACKENDS[0] for cfg in _our_mailers().values()
     )
     sqlite = "sqlite" in db.get("ENGINE", "")
     if uses_sync and db.get("ATOMIC_REQUESTS") and alias in connections and not sqlite:
@@ -131,22 +211,29 @@ def check_accounts(app_configs: Any = None, databases: Any = None, **kwargs: Any
     try:
         router = Router()
         accounts = router.accounts()
+        strict = router.strict
     except (DatabaseError, RuntimeError):
         return []  # not migrated yet, or database access not allowed here
+    except GmailConfigurationError:
+        return []  # a bad setting: check_settings reports it
     if not accounts:
+        if any((cfg.get("OPTIONS") or {}).get("username") for cfg in _our_mailers().values()):
+            return []  # the MAILERS entry logs in as its "username" option
+        if hasattr(settings, "MAILERS"):  # Django >= 6.1: EMAIL_* settings are not allowed
+            fallback = "give the MAILERS entry 'username' and 'password' OPTIONS (an App Password)"
+            missing = "its MAILERS entry has no 'username' option"
+        else:
+            fallback = "set EMAIL_HOST_USER and EMAIL_HOST_PASSWORD (an App Password)"
+            missing = "EMAIL_HOST_USER / EMAIL_HOST_PASSWORD are not set"
         return [
             Warning(
                 "The Gmail backend is configured but there is no active GmailAccount and "
-                "EMAIL_HOST_USER / EMAIL_HOST_PASSWORD are not set, so no mail can be sent.",
-                hint="Add an account in the admin (Gmail SMTP > Gmail accounts), or set "
-                "EMAIL_HOST_USER and EMAIL_HOST_PASSWORD (an App Password).",
+                f"{missing}, so no mail can be sent.",
+                hint=f"Add an account in the admin (Gmail SMTP > Gmail accounts), or {fallback}.",
                 id="django_gmail_smtp.W001",
             )
         ]
     messages = []
-    from .conf import get_setting
-
-    strict = bool(get_setting("STRICT_FROM"))
     from email.utils import parseaddr
 
     for name in ("DEFAULT_FROM_EMAIL", "SERVER_EMAIL"):

@@ -2,17 +2,23 @@
 
 Order of precedence for every option: keyword arguments given to a backend (which is also how a
 Django 6.1 ``MAILERS`` entry's ``OPTIONS`` arrive), then the ``GMAIL_SMTP`` settings dict, then
-the default below.
+(for ``TIMEOUT``, in projects without ``MAILERS``) Django's ``EMAIL_TIMEOUT``, then the default
+below. :data:`SETTINGS` describes every key; values are checked as they are read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
+
+from .exceptions import GmailConfigurationError
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/v2/auth"
@@ -46,18 +52,342 @@ DEFAULTS: dict[str, Any] = {
     "SWEEP_INTERVAL": 60,  # seconds between sweeps in the ready beat schedule
     "SENDING_LEASE": 600,  # seconds a worker may hold a row in "sending" before it is re-queued
     "POOL_IDLE_CHECK": 30,  # seconds idle after which a pooled connection is probed (NOOP)
-    "BODY_RETENTION_DAYS": 7,  # the sweeper drops bodies of mail sent longer ago; None: keep
+    "BODY_RETENTION_DAYS": 7,  # bodies of sent/failed/cancelled mail are dropped after; None: keep
+    "MAX_MESSAGE_SIZE": 35882577,  # bytes; larger messages are refused (Gmail's advertised SIZE)
 }
 
 SECURITY_CHOICES = ("starttls", "ssl")
+PRIORITY_CHOICES = ("transactional", "bulk")
+
+
+# --- the settings table ------------------------------------------------------------------------
+# One entry per key: what it means and what a valid value is. The system checks, get_setting()
+# (which validates on read, so a worker never dies on a raw ValueError) and the docs' settings
+# reference all come from this table.
+
+
+class _Invalid(ValueError):
+    """Raised by a validator; its text (if any) adds why to the standard message."""
+
+
+Validator = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``GMAIL_SMTP`` key: its type/range check and its documentation."""
+
+    name: str
+    #: what a valid value is, completing "give ...": "a number of seconds such as 30"
+    expected: str
+    #: returns the value to use (possibly normalised), or raises ``_Invalid``
+    validate: Validator
+    description: str
+    #: the value is a secret: messages show its type, never the value
+    secret: bool = False
+    #: a Django ``EMAIL_*`` setting used when the key is unset (projects without MAILERS)
+    legacy: str | None = None
+
+    def check(self, value: Any, label: str) -> Any:
+        """``value`` as the app uses it; :class:`GmailConfigurationError` when it is invalid."""
+        try:
+            return self.validate(value)
+        except _Invalid as exc:
+            raise GmailConfigurationError(self.message(value, label, str(exc))) from None
+
+    def message(self, value: Any, label: str, reason: str = "") -> str:
+        kind = type(value).__name__
+        article = "an" if kind[:1] in "aeiou" else "a"
+        shown = f"{article} {kind}" if self.secret else f"{_short_repr(value)} ({kind})"
+        why = f" ({reason})" if reason else ""
+        return f"{label} is {shown}{why}; give {self.expected}."
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(
+    *, integer: bool = False, minimum: float | None = None, above: float | None = None
+) -> Validator:
+    """A real number (an int with ``integer``), never a bool or a string such as "30s"."""
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+
+    def validate(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise _Invalid
+        if value != value or value in (float("inf"), float("-inf")):  # NaN, infinity
+            raise _Invalid
+        if minimum is not None and value < minimum:
+            raise _Invalid
+        if above is not None and value <= above:
+            raise _Invalid
+        return value
+
+    return validate
+
+
+def _port(value: Any) -> int:
+    value = _number(integer=True, minimum=1)(value)
+    if value > 65535:
+        raise _Invalid
+    return value
+
+
+def _share(value: Any) -> float:
+    value = _number(minimum=0)(value)
+    if value >= 1:
+        raise _Invalid
+    return value
+
+
+def _bool(value: Any) -> bool:
+    # Real booleans only: the string "False" is truthy, so it is refused, not guessed at.
+    if not isinstance(value, bool):
+        raise _Invalid
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid
+    return value
+
+
+def _maybe_empty_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid
+    return value
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
+        raise _Invalid
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _Invalid
+    return os.fspath(value)
+
+
+def _or_empty(validate: Validator) -> Validator:
+    """Also accept "" (as an unset environment variable gives it): the same as None."""
+
+    def check(value: Any) -> Any:
+        return value if value == "" else validate(value)
+
+    return check
+
+
+def _choice(*choices: str) -> Validator:
+    def validate(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise _Invalid
+        return value.lower()
+
+    return validate
+
+
+def _keys(value: Any) -> Any:
+    if isinstance(value, (str, bytes)):
+        return value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(k, (str, bytes)) for k in value):
+        raise _Invalid
+    return value
+
+
+def _queues(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise _Invalid
+    unknown = [k for k in value if k not in PRIORITY_CHOICES]
+    if unknown:
+        raise _Invalid(f"unknown priority {unknown[0]!r}")
+    if not all(isinstance(v, str) and v.strip() for v in value.values()):
+        raise _Invalid
+    return {**DEFAULTS["QUEUES"], **value}  # a partial dict keeps the other default
+
+
+def _database_alias(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid
+    if value not in settings.DATABASES:
+        raise _Invalid(f"there is no {value!r} in DATABASES")
+    return value
+
+
+_SECONDS = "a number of seconds"
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting("HOST", "a host name such as 'smtp.gmail.com'", _text, "The SMTP server."),
+        Setting(
+            "PORT",
+            "a whole number from 1 to 65535 such as 587",
+            _port,
+            "The SMTP port; None derives it from SECURITY (587 for starttls, 465 for ssl).",
+        ),
+        Setting(
+            "SECURITY",
+            "'starttls' (port 587) or 'ssl' (port 465)",
+            _choice(*SECURITY_CHOICES),
+            "How the connection is secured; None derives it from PORT.",
+        ),
+        Setting(
+            "TIMEOUT",
+            f"{_SECONDS} such as 30",
+            _number(above=0),
+            "Seconds to wait for the server at each step (Django's EMAIL_TIMEOUT when unset).",
+            legacy="EMAIL_TIMEOUT",
+        ),
+        Setting(
+            "CA_FILE",
+            "the path of a PEM file of CA certificates, or None",
+            _or_empty(_path),
+            "Extra CA certificates to trust (a local or intercepting server).",
+        ),
+        Setting(
+            "EHLO_HOSTNAME",
+            "a fully-qualified host name such as 'mail.example.com', or None",
+            _or_empty(_text),
+            "The name sent with EHLO; socket.getfqdn() when unset.",
+        ),
+        Setting("TOKEN_URI", "an https:// URL", _url, "Google's OAuth token endpoint."),
+        Setting("AUTH_URI", "an https:// URL", _url, "Google's OAuth consent screen."),
+        Setting(
+            "CLIENT_ID",
+            "the OAuth client id (a string)",
+            _maybe_empty_text,
+            "The OAuth client id used for accounts that have none of their own.",
+        ),
+        Setting(
+            "CLIENT_SECRET",
+            "the OAuth client secret (a string)",
+            _maybe_empty_text,
+            "The OAuth client secret used for accounts that have none of their own.",
+            secret=True,
+        ),
+        Setting(
+            "OAUTH_REDIRECT_URI",
+            "an https:// URL, or None",
+            _or_empty(_url),
+            "Connect with Google's callback URL; built from the request when unset.",
+        ),
+        Setting(
+            "ENCRYPTION_KEYS",
+            "a list of keys (strings), newest first",
+            _keys,
+            "Keys that encrypt stored credentials; derived from SECRET_KEY when unset.",
+            secret=True,
+        ),
+        Setting(
+            "STRICT_FROM",
+            "True or False (a bool, not a string)",
+            _bool,
+            "Refuse mail whose From no account can send as, instead of sending it from the "
+            "default account.",
+        ),
+        Setting(
+            "MAX_RECIPIENTS_PER_MESSAGE",
+            "a whole number of at least 1 such as 100",
+            _number(integer=True, minimum=1),
+            "Recipients (To, Cc and Bcc) allowed in one message; Gmail accepts 100.",
+        ),
+        Setting(
+            "TOKEN_REFRESH_MARGIN",
+            f"{_SECONDS} of at least 0 such as 300",
+            _number(minimum=0),
+            "Seconds before expiry an OAuth access token is treated as expired.",
+        ),
+        Setting(
+            "QUOTA_DATABASE",
+            "the alias of a database in DATABASES, or None",
+            _or_empty(_database_alias),
+            "The database alias of the quota ledger; None: 'default'.",
+        ),
+        Setting(
+            "RESERVED_SHARE",
+            "a fraction from 0 up to (not including) 1 such as 0.1",
+            _share,
+            "Share of each account's quota kept for transactional mail.",
+        ),
+        Setting(
+            "PRIORITY",
+            "'transactional' or 'bulk'",
+            _choice(*PRIORITY_CHOICES),
+            "The default priority of mail.",
+        ),
+        Setting(
+            "QUEUES",
+            "a dict such as {'transactional': 'gmail_smtp.transactional', "
+            "'bulk': 'gmail_smtp.bulk'}",
+            _queues,
+            "The Celery queue of each priority.",
+        ),
+        Setting(
+            "RETRY_BASE_DELAY",
+            f"{_SECONDS} above 0 such as 30",
+            _number(above=0),
+            "Seconds before the first retry of a temporary failure.",
+        ),
+        Setting(
+            "RETRY_MAX_DELAY",
+            f"{_SECONDS} above 0 such as 3600",
+            _number(above=0),
+            "The longest wait between retries.",
+        ),
+        Setting(
+            "MAX_ATTEMPTS",
+            "a whole number of at least 1 such as 8",
+            _number(integer=True, minimum=1),
+            "Temporary failures before a message is failed.",
+        ),
+        Setting(
+            "SWEEP_GRACE",
+            f"{_SECONDS} of at least 0 such as 60",
+            _number(minimum=0),
+            "Seconds a queued message may wait for its task before the sweeper re-enqueues it.",
+        ),
+        Setting(
+            "SWEEP_INTERVAL",
+            f"{_SECONDS} above 0 such as 60",
+            _number(above=0),
+            "Seconds between sweeps in the ready beat schedule.",
+        ),
+        Setting(
+            "SENDING_LEASE",
+            f"{_SECONDS} above 0 such as 600",
+            _number(above=0),
+            "Seconds a worker may hold a message in 'sending' before it is re-queued.",
+        ),
+        Setting(
+            "POOL_IDLE_CHECK",
+            f"{_SECONDS} of at least 0 such as 30",
+            _number(minimum=0),
+            "Seconds idle after which a pooled connection is probed (NOOP) before reuse.",
+        ),
+        Setting(
+            "BODY_RETENTION_DAYS",
+            "a number of days of at least 0 such as 7, or None to keep bodies",
+            _number(minimum=0),
+            "Days after which the sweeper drops the bodies of sent, failed and cancelled mail.",
+        ),
+        Setting(
+            "MAX_MESSAGE_SIZE",
+            "a whole number of bytes of at least 1 such as 35882577",
+            _number(integer=True, minimum=1),
+            "Messages larger than this many bytes are refused before they are queued or sent.",
+        ),
+    )
+}
 
 
 def user_settings() -> Mapping[str, Any]:
     """The ``GMAIL_SMTP`` settings dict (empty when unset)."""
     value = getattr(settings, "GMAIL_SMTP", None) or {}
     if not isinstance(value, Mapping):
-        from .exceptions import GmailConfigurationError
-
         raise GmailConfigurationError(
             f"GMAIL_SMTP must be a dict of options, not {type(value).__name__}. "
             'Write it as GMAIL_SMTP = {"HOST": "smtp.gmail.com", ...}.'
@@ -66,17 +396,83 @@ def user_settings() -> Mapping[str, Any]:
 
 
 def get_setting(name: str, options: Mapping[str, Any] | None = None, default: Any = None) -> Any:
-    """Option ``name`` (upper case): from ``options`` (lower-case keys), GMAIL_SMTP, DEFAULTS."""
+    """Option ``name`` (upper case): from ``options`` (lower-case keys), GMAIL_SMTP, DEFAULTS.
+
+    A value of the wrong type or out of range raises :class:`GmailConfigurationError` naming
+    the key, the value's type and what to give instead.
+    """
+    spec = SETTINGS.get(name)
     if options:
         value = options.get(name.lower())
         if value is not None:
-            return value
+            return spec.check(value, f'the "{name.lower()}" option') if spec else value
     user = user_settings()
     if name in user and user[name] is not None:
-        return user[name]
+        return spec.check(user[name], f'GMAIL_SMTP["{name}"]') if spec else user[name]
+    if spec is not None and spec.legacy:
+        value = legacy_email_setting(spec.legacy)
+        if value is not None:
+            return spec.check(value, spec.legacy)
     if name in DEFAULTS and DEFAULTS[name] is not None:
         return DEFAULTS[name]
     return default
+
+
+def setting_errors(values: Mapping[str, Any], *, source: str = "GMAIL_SMTP") -> list[str]:
+    """Messages for the known keys of ``values`` whose value has the wrong type or range.
+
+    ``values`` uses the upper-case keys of GMAIL_SMTP; ``None`` means "use the default".
+    """
+    errors = []
+    for name, value in values.items():
+        spec = SETTINGS.get(name) if isinstance(name, str) else None
+        if spec is None or value is None:
+            continue
+        try:
+            spec.check(value, f'{source}["{name}"]')
+        except GmailConfigurationError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def validate_options(options: Mapping[str, Any], *, source: str) -> list[str]:
+    """Messages for backend keyword options (lower case, as a MAILERS entry passes them)
+    whose value has the wrong type or range. ``source`` names where they came from, such as
+    ``'MAILERS["default"]["OPTIONS"]'``; names that are not settings are left to the caller.
+    """
+    errors = []
+    for name, value in options.items():
+        spec = SETTINGS.get(name.upper()) if isinstance(name, str) else None
+        if spec is None or value is None:
+            continue
+        try:
+            spec.check(value, f'{source}["{name}"]')
+        except GmailConfigurationError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def ensure_valid_options(options: Mapping[str, Any], *, source: str) -> None:
+    """Raise :class:`GmailConfigurationError` listing every invalid option (see
+    :func:`validate_options`)."""
+    errors = validate_options(options, source=source)
+    if errors:
+        raise GmailConfigurationError(" ".join(errors))
+
+
+def known_keys() -> list[str]:
+    """Every key GMAIL_SMTP may hold."""
+    return sorted(set(DEFAULTS) | set(SETTINGS))
+
+
+def closest_key(name: str, candidates: Iterable[str] | None = None) -> str | None:
+    """The valid key ``name`` was probably meant to be (``POTR`` -> ``PORT``), or None."""
+    candidates = list(known_keys() if candidates is None else candidates)
+    upper = name.upper()
+    if upper in candidates:
+        return upper
+    matches = difflib.get_close_matches(upper, candidates, n=1, cutoff=0.6)
+    return matches[0] if matches else None
 
 
 def local(moment: datetime) -> datetime:
@@ -107,18 +503,8 @@ def connection_settings(options: Mapping[str, Any] | None = None) -> tuple[str, 
     host = get_setting("HOST", options)
     port = get_setting("PORT", options)
     security = get_setting("SECURITY", options)
-    if security is not None:
-        security = str(security).lower()
-        if security not in SECURITY_CHOICES:
-            from .exceptions import GmailConfigurationError
-
-            raise GmailConfigurationError(
-                f'GMAIL_SMTP["SECURITY"] is {security!r}; use "starttls" (port 587) or "ssl" '
-                "(port 465)."
-            )
     if port is None:
         port = 465 if security == "ssl" else 587
-    port = int(port)
     if security is None:
         security = "ssl" if port == 465 else "starttls"
     return host, port, security

@@ -16,8 +16,14 @@ import smtplib
 from datetime import datetime
 from typing import Any
 
+import django
 from django.core.exceptions import ImproperlyConfigured
-from django.core.mail import BadHeaderError
+
+if django.VERSION >= (6, 1):
+    # Django >= 6.1: BadHeaderError is a deprecated alias of ValueError (importing it warns).
+    BadHeaderError = ValueError
+else:  # Django < 6.1
+    from django.core.mail import BadHeaderError
 
 
 class GmailConfigurationError(ImproperlyConfigured):
@@ -30,6 +36,11 @@ class NoSenderAccount(GmailConfigurationError):
 
 class EncryptionKeyError(GmailConfigurationError):
     """A stored secret cannot be decrypted (or ENCRYPTION_KEYS is malformed)."""
+
+
+class SecurityMismatch(GmailConfigurationError):
+    """SECURITY does not match what the server speaks on PORT (``ssl`` against a STARTTLS
+    port): retrying cannot help, so it is a configuration error, never a delivery attempt."""
 
 
 class GmailSMTPError(smtplib.SMTPException):
@@ -223,10 +234,10 @@ class InsecureConnectionError(GmailSMTPError, smtplib.SMTPNotSupportedError):
     """TLS could not be established or verified; no credential was sent."""
 
     category = "temporary"
+    # Each message says once that no credentials were sent; the hint does not repeat it.
     hint = (
-        "No credentials were sent. Make sure HOST is the server's real name (smtp.gmail.com), "
-        "and if you use a local or intercepting server, give its CA certificate in "
-        'GMAIL_SMTP["CA_FILE"].'
+        "Make sure HOST is the server's real name (smtp.gmail.com), and if you use a local or "
+        'intercepting server, give its CA certificate in GMAIL_SMTP["CA_FILE"].'
     )
 
 
@@ -291,11 +302,13 @@ class InvalidMessage(PermanentError, ValueError):
 
 
 class HeaderInjection(InvalidMessage, BadHeaderError):
-    """A header or address contains a line break: refused, as Django's BadHeaderError."""
+    """A header name, value or address contains a line break, a NUL character, or (a name)
+    a colon: refused, as Django's BadHeaderError."""
 
     hint = (
-        "Headers (Subject, From, To, ...) and addresses must not contain line breaks; this is "
-        "refused to prevent header injection. Nothing was sent."
+        "Headers (Subject, From, To, ...), their names and addresses must not contain line "
+        "breaks or NUL characters, nor a header name a colon; this is refused to prevent "
+        "header injection. Nothing was sent."
     )
 
 

@@ -13,8 +13,9 @@ import email.policy
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from email.errors import HeaderParseError
 from email.headerregistry import Address, AddressHeader
-from email.utils import formataddr, parseaddr
+from email.utils import parseaddr
 from typing import Any
 
 from django.core.mail import EmailMessage
@@ -118,16 +119,17 @@ class Router:
         ``exclude``: accounts (pks) already tried, for failover; then only another account
         that can send as the same From is returned, or None when there is none.
         """
+        check_headers(message)
         from_header = header_from(message)
         name, address = parseaddr(from_header)
-        if "\n" in from_header or "\r" in from_header:
-            raise HeaderInjection(f"The From address {from_header!r} contains a line break")
-        if not address or "@" not in address:
-            raise InvalidMessage(
-                f"The From address {from_header!r} is not a valid email address",
-                hint="Set from_email (or DEFAULT_FROM_EMAIL) to an address like "
-                "'Site <noreply@example.com>'; line breaks are not allowed.",
-            )
+        _check_address(
+            "From",
+            from_header,
+            hint="Set from_email (or DEFAULT_FROM_EMAIL) to an address like "
+            "'Site <noreply@example.com>'. Nothing was sent.",
+        )
+        for reply_to in message.reply_to or ():
+            _check_address("Reply-To", reply_to)
         excluded = set(exclude)
         if self.forced:
             accounts = [a for a in self.accounts() if normalize_address(a.email) == self.forced]
@@ -186,12 +188,14 @@ class Router:
     def _recipients(self, message: EmailMessage) -> list[str]:
         raw = [str(addr) for addr in message.recipients()]
         for addr in raw:
-            if "\r" in addr or "\n" in addr:
-                raise HeaderInjection(f"The recipient {addr!r} contains a line break")
+            _refuse_control_characters("The recipient", addr)
         try:
             recipients = [envelope_address(addr) for addr in raw]
         except ValueError as exc:
-            raise InvalidMessage(f"A recipient address is not valid: {exc}") from None
+            raise InvalidMessage(
+                f"A recipient address is not valid: {exc}",
+                hint="Correct the address (user@example.com form). Nothing was sent.",
+            ) from None
         if not recipients:
             raise InvalidMessage(
                 "The message has no recipients (To, Cc and Bcc are empty), so nothing was sent"
@@ -211,14 +215,32 @@ def _rewrite_from(message: EmailMessage, name: str, account_address: str, origin
     clone.extra_headers = {
         k: v for k, v in (message.extra_headers or {}).items() if k.lower() != "from"
     }
-    clone.from_email = formataddr((name, account_address)) if name else account_address
+    clone.from_email = _with_name(name, account_address)
     if not message.reply_to and not _has_header(message, "Reply-To"):
-        clone.reply_to = [formataddr((name, original)) if name else original]
+        clone.reply_to = [_with_name(name, original)]
     return clone
 
 
+def _check_address(label: str, address: str, hint: str | None = None) -> None:
+    try:
+        envelope_address(address)
+    except ValueError as exc:
+        raise InvalidMessage(
+            f"The {label} address is not valid: {exc}",
+            hint=hint or "Correct the address (user@example.com form). Nothing was sent.",
+        ) from None
+
+
+def _with_name(name: str, address: str) -> str:
+    """``Name <address>`` for a header. Unlike ``formataddr`` this keeps a non-ASCII domain
+    (Django encodes it when it builds the message) instead of raising UnicodeEncodeError."""
+    if not name:
+        return address
+    return str(Address(display_name=name, addr_spec=address))
+
+
 def _message_bytes(message: EmailMessage) -> tuple[bytes, str]:
-    from django.core.mail import BadHeaderError
+    from .exceptions import BadHeaderError
 
     try:
         if _MESSAGE_TAKES_POLICY:
@@ -227,12 +249,19 @@ def _message_bytes(message: EmailMessage) -> tuple[bytes, str]:
         else:  # Django < 6.0
             mime = message.message()
             data = mime.as_bytes(linesep="\r\n")
-    except BadHeaderError as exc:
-        raise HeaderInjection(f"The message cannot be built: {exc}") from None
-    except ValueError as exc:
-        if "\n" in str(exc) or "\r" in str(exc) or "newline" in str(exc).lower():
-            raise HeaderInjection(f"The message cannot be built: {exc}") from None
-        raise InvalidMessage(f"The message cannot be built: {exc}") from None
+    except ValueError as exc:  # BadHeaderError is one (an alias of ValueError from Django 6.1)
+        text = str(exc)
+        injection = BadHeaderError is not ValueError and isinstance(exc, BadHeaderError)
+        if injection or any(m in text.lower() for m in ("\n", "\r", "newline", "linefeed")):
+            raise HeaderInjection(f"The message cannot be built: {text}") from None
+        raise InvalidMessage(f"The message cannot be built: {text}") from None
+    except (HeaderParseError, IndexError, AttributeError):
+        # The stdlib's address parser fails on some malformed addresses in extra headers.
+        raise InvalidMessage(
+            "The message cannot be built: an address in its headers cannot be read",
+            hint="Check the addresses in the To, Cc and Reply-To headers given in headers=... "
+            "(user@example.com form). Nothing was sent.",
+        ) from None
     message_id = str(mime.get("Message-ID", "") or "")
     return data, message_id
 
@@ -243,18 +272,70 @@ _MESSAGE_TAKES_POLICY = "policy" in inspect.signature(EmailMessage.message).para
 def envelope_address(address: str) -> str:
     """The addr-spec of ``address`` for MAIL FROM / RCPT TO (IDNA domain; ValueError if bad)."""
     address = str(address)
-    if "\r" in address or "\n" in address:
-        raise ValueError(f"{address!r} contains a line break")
-    parsed = AddressHeader.value_parser(address)
-    defects = {str(d) for d in parsed.all_defects}
+    if any(c in address for c in "\r\n\x00"):
+        raise ValueError(f"{address!r} contains a line break or a NUL character")
+    try:
+        parsed = AddressHeader.value_parser(address)
+        defects = {str(d) for d in parsed.all_defects}
+        mailboxes = parsed.all_mailboxes
+    except (HeaderParseError, IndexError, AttributeError, TypeError):
+        # The stdlib parser itself fails on some malformed input ("to@" before Python 3.13,
+        # "to@[" on every version): the address is not valid, whatever the reason.
+        raise ValueError(f"{address!r} is not an address of the form user@example.com") from None
     if defects:
         raise ValueError(f"{address!r} is not a valid address ({'; '.join(sorted(defects))})")
-    mailboxes = parsed.all_mailboxes
-    if len(mailboxes) != 1 or not mailboxes[0].domain:
+    if len(mailboxes) != 1 or not mailboxes[0].domain or not mailboxes[0].local_part:
         raise ValueError(f"{address!r} is not a single address of the form user@example.com")
     mailbox = mailboxes[0]
     if not mailbox.domain.isascii():
-        return str(
-            Address(username=mailbox.local_part, domain=mailbox.domain.encode("idna").decode())
-        )
+        try:
+            domain = mailbox.domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(
+                f"{address!r} has a domain that cannot be written in ASCII (IDNA): a label is "
+                "empty or longer than 63 characters"
+            ) from None
+        return str(Address(username=mailbox.local_part, domain=domain))
     return mailbox.addr_spec
+
+
+_CONTROL_CHARACTERS = {"\r": "a carriage return", "\n": "a line feed", "\x00": "a NUL character"}
+_NAME_CHARACTERS = {**_CONTROL_CHARACTERS, ":": "a colon"}
+
+
+def check_headers(message: EmailMessage) -> None:
+    """Refuse header names and values that could add or split headers (header injection).
+
+    Names may not contain CR, LF, NUL or a colon (``{"X-A\\r\\nBcc: ...": "1"}`` would add a
+    header); values, the subject and addresses may not contain CR, LF or NUL. Raises
+    :class:`HeaderInjection` before anything is stored or sent.
+    """
+    for name, value in (message.extra_headers or {}).items():
+        name = str(name)
+        for char, what in _NAME_CHARACTERS.items():
+            if char in name:
+                raise HeaderInjection(f"The header name {name!r} contains {what}")
+        if not name or not all(33 <= ord(c) <= 126 for c in name):
+            raise InvalidMessage(
+                f"The header name {name!r} is not valid",
+                hint="Header names are made of printable ASCII characters (letters, digits, "
+                "'-'), without spaces. Nothing was sent.",
+            )
+        _refuse_control_characters(f"The {name} header", value)
+    _refuse_control_characters("The subject", message.subject)
+    _refuse_control_characters("The From address", message.from_email)
+    for label, addresses in (
+        ("To", message.to),
+        ("Cc", message.cc),
+        ("Bcc", message.bcc),
+        ("Reply-To", message.reply_to),
+    ):
+        for address in addresses or ():
+            _refuse_control_characters(f"The {label} address", address)
+
+
+def _refuse_control_characters(label: str, value: Any) -> None:
+    text = "" if value is None else str(value)
+    for char, what in _CONTROL_CHARACTERS.items():
+        if char in text:
+            raise HeaderInjection(f"{label} {text!r} contains {what}")

@@ -29,6 +29,7 @@ from .exceptions import (
     MessageTooLarge,
     PermanentError,
     RecipientsRefused,
+    SecurityMismatch,
     TemporaryError,
     classify_reply,
 )
@@ -122,6 +123,8 @@ class GmailConnection:
                         "sent (they would have crossed the network in the clear)",
                         account=self.account.email,
                         phase="starttls",
+                        hint="Check HOST and PORT: Gmail offers STARTTLS on 587 (SECURITY "
+                        "'starttls') and implicit TLS on 465 (SECURITY 'ssl').",
                     )
                 with self._guard("starttls"):
                     code, reply = smtp.starttls(context=context)
@@ -195,6 +198,9 @@ class GmailConnection:
         self.logins += 1
         if self.account.health != GmailAccount.Health.OK:
             self.account.mark_health(GmailAccount.Health.OK)
+        elif self.account.pk:
+            # A login that works releases mail deferred for credentials or configuration.
+            self.account.release_deferred()
 
     def _login(self, credentials: SMTPCredentials) -> None:
         smtp = self._smtp
@@ -225,7 +231,14 @@ class GmailConnection:
 
     # --- sending -----------------------------------------------------------------------------
     def send(self, envelope: Envelope) -> SendResult:
-        """Send one envelope over the open session; raise a classified error on refusal."""
+        """Send one envelope over the open session; raise a classified error on refusal.
+
+        An error raised after the whole message, up to DATA's final ".", was written and before
+        Gmail's reply could be read (a dropped connection, a timeout) has ``maybe_delivered =
+        True``: Gmail may have kept the message, so its quota must stay counted. Every other
+        error (anything before the final ".", or a refusal Gmail answered after it) has
+        ``maybe_delivered = False``: Gmail did not keep it.
+        """
         if self._smtp is None:
             self.open()
         smtp = self._smtp
@@ -312,15 +325,7 @@ class GmailConnection:
         if data_code != 354:
             self._reset()
             raise classify_reply(data_code, data_reply, phase="data", account=account)
-        body = re.sub(rb"(?m)^\.", b"..", envelope.data)
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
-        with self._guard("after_data"):
-            smtp.send(body + b".\r\n")
-            code, reply = smtp.getreply()
-            if code != 250:
-                self._reset()
-                raise classify_reply(code, reply, phase="after_data", account=account)
+        code, reply = self._send_body(envelope)
         return code, reply, refused
 
     def _send_stepwise(
@@ -347,17 +352,36 @@ class GmailConnection:
             self._reset()
             raise self._all_refused(refused)
         with self._guard("data"):
-            try:
-                code, reply = smtp.data(envelope.data)
-            except smtplib.SMTPDataError as exc:
+            code, reply = smtp.docmd("data")
+            if code != 354:
                 self._reset()
-                raise classify_reply(
-                    exc.smtp_code, exc.smtp_error, phase="data", account=account
-                ) from None
-            if code != 250:
-                self._reset()
-                raise classify_reply(code, reply, phase="after_data", account=account)
+                raise classify_reply(code, reply, phase="data", account=account)
+        code, reply = self._send_body(envelope)
         return code, reply, refused
+
+    def _send_body(self, envelope: Envelope) -> tuple[int, bytes]:
+        """Upload the message and its final "." (after DATA's 354), then read Gmail's reply.
+
+        Once the final "." is written Gmail may keep the message even if its reply never
+        arrives, so an error without a reply is marked ``maybe_delivered`` (see :meth:`send`).
+        """
+        smtp = self._smtp
+        assert smtp is not None
+        body = re.sub(rb"(?m)^\.", b"..", envelope.data)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        with self._guard("after_data"):
+            smtp.send(body + b".\r\n")
+        try:
+            with self._guard("after_data"):
+                code, reply = smtp.getreply()
+        except GmailSMTPError as exc:
+            exc.maybe_delivered = True  # no reply to the final ".": Gmail may have kept it
+            raise
+        if code != 250:  # a definite refusal: Gmail did not keep the message
+            self._reset()
+            raise classify_reply(code, reply, phase="after_data", account=self.account.email)
+        return code, reply
 
     def _all_refused(self, refused: dict[str, tuple[int, str]]) -> GmailSMTPError:
         code, reply = next(iter(refused.values()))
@@ -413,15 +437,26 @@ class GmailConnection:
             ) from None
         except ssl.SSLError as exc:
             self._abort()
+            if phase == "connect" and self.security == "ssl" and exc.reason in _PLAINTEXT_REPLY:
+                raise SecurityMismatch(
+                    f"SECURITY is 'ssl' but {self.host}:{self.port} answered without TLS: port "
+                    "587 uses 'starttls', 465 uses 'ssl'. Set GMAIL_SMTP[\"SECURITY\"] to "
+                    "'starttls' for this port, or PORT to 465. No credentials were sent."
+                ) from None
             raise InsecureConnectionError(
-                f"TLS with {self.host}:{self.port} failed ({exc.reason or exc})",
+                f"TLS with {self.host}:{self.port} failed ({exc.reason or exc}), so no "
+                "credentials were sent",
                 account=account,
                 phase=phase,
             ) from None
-        except smtplib.SMTPServerDisconnected:
+        except smtplib.SMTPServerDisconnected as exc:
             self._abort()
+            if "timed out" in str(exc):  # smtplib reports a read timeout this way
+                raise self._timed_out(phase) from None
             raise ConnectionFailed(
-                f"Gmail closed the connection during {phase}", account=account, phase=phase
+                f"{self.host}:{self.port} closed the connection {_during(phase)}",
+                account=account,
+                phase=phase,
             ) from None
         except smtplib.SMTPConnectError as exc:
             self._abort()
@@ -447,19 +482,40 @@ class GmailConnection:
             ) from None
         except TimeoutError:
             self._abort()
-            raise ConnectionFailed(
-                f"{self.host}:{self.port} did not answer within {self.timeout:g} s during {phase}",
-                account=account,
-                phase=phase,
-            ) from None
+            raise self._timed_out(phase) from None
         except OSError as exc:
             self._abort()
             raise ConnectionFailed(
-                f"Could not talk to {self.host}:{self.port} during {phase} "
+                f"Could not talk to {self.host}:{self.port} {_during(phase)} "
                 f"({exc.__class__.__name__}: {exc.strerror or exc})",
                 account=account,
                 phase=phase,
             ) from None
+
+    def _timed_out(self, phase: str) -> ConnectionFailed:
+        hint = None
+        if phase == "connect" and self.security == "starttls":
+            # A server that speaks implicit TLS (465) waits, silent, for the TLS handshake.
+            hint = (
+                f"{ConnectionFailed.hint} If {self.host}:{self.port} speaks implicit TLS (like "
+                "Gmail's 465), set SECURITY to 'ssl'."
+            )
+        return ConnectionFailed(
+            f"{self.host}:{self.port} did not answer within {self.timeout:g} s {_during(phase)}",
+            account=self.account.email,
+            phase=phase,
+            hint=hint,
+        )
+
+
+#: ssl error reasons for a server that answered in plain text (an SMTP greeting) to TLS
+_PLAINTEXT_REPLY = frozenset(
+    {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"}
+)
+
+
+def _during(phase: str) -> str:
+    return "while connecting" if phase == "connect" else f"during {phase}"
 
 
 class ConnectionPool:

@@ -98,6 +98,27 @@ def test_no_w001_with_email_host_user(backend):
     assert "django_gmail_smtp.W001" not in check_ids()
 
 
+needs_mailers = pytest.mark.skipif(
+    not __import__("django").VERSION >= (6, 1), reason="MAILERS exists from Django 6.1"
+)
+
+
+@needs_mailers
+def test_w001_on_mailers_names_the_mailers_fix(db, settings):
+    """On Django 6.1 W001 points at the MAILERS options, never at the EMAIL_* settings."""
+    settings.MAILERS = {"default": {"BACKEND": BACKEND, "OPTIONS": {}}}
+    (text,) = messages("django_gmail_smtp.W001")
+    assert "'username'" in text and "EMAIL_HOST_USER" not in text
+
+
+@needs_mailers
+def test_no_w001_with_mailers_username_option(db, settings):
+    """A MAILERS entry that logs in with username/password OPTIONS can send: no W001."""
+    options = {"username": "fallback@example.com", "password": "abcd efgh ijkl mnop"}
+    settings.MAILERS = {"default": {"BACKEND": BACKEND, "OPTIONS": options}}
+    assert "django_gmail_smtp.W001" not in check_ids()
+
+
 def test_no_w001_when_backend_not_in_use(settings):
     """No account warnings when another EMAIL_BACKEND is configured."""
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

@@ -466,3 +466,148 @@ def test_signals_from_the_sync_backend(sandbox, make_account):
         signals.account_unhealthy.disconnect(on_unhealthy)
     assert sent == [(SENDER, "2.0.0 OK", None)]
     assert alerts == [(SENDER, "BadCredentials")]  # once, not per failed send
+
+
+# --- settings and connection errors that name their cause ---------------------------------------
+
+SYNC = "django_gmail_smtp.backends.GmailSMTPBackend"
+
+
+def _auth_attempts(sb: GmailSandbox) -> int:
+    stats = sb.stats
+    return stats.logins + stats.auth_failures + stats.plaintext_auth_attempts
+
+
+@pytest.fixture(params=["sync", "celery"])
+def via(request):
+    """Which backend sends: the sync one now, or the Celery one (delivered in-process)."""
+    return request.param
+
+
+def _attempt(via: str, *, fail_silently: bool = False):
+    """Send one message; return the sync backend's exception, or (outcome, row) for Celery."""
+    from django_gmail_smtp import outbox
+    from django_gmail_smtp.backends import CeleryGmailBackend
+    from django_gmail_smtp.models import OutboundEmail
+    from django_gmail_smtp.transport import ConnectionPool
+
+    message = EmailMessage("s", "b", SENDER, [TO])
+    if via == "sync":
+        with pytest.raises(Exception) as info:
+            get_connection(SYNC, fail_silently=fail_silently).send_messages([message])
+        return info.value
+    assert CeleryGmailBackend(fail_silently=fail_silently).send_messages([message]) == 1
+    pool = ConnectionPool()
+    try:
+        outcome = outbox.deliver(message.gmail_outbound_id, pool=pool)
+    finally:
+        pool.close()
+    return outcome, OutboundEmail.objects.get(pk=message.gmail_outbound_id)
+
+
+def test_email_timeout_is_used_when_gmail_smtp_has_no_timeout(account, sandbox, settings, via):
+    """Django's EMAIL_TIMEOUT applies (projects without MAILERS) when TIMEOUT is unset: a
+    server that answers after 3 s fails after 0.5 s, reported as a timeout."""
+    settings.GMAIL_SMTP = {k: v for k, v in settings.GMAIL_SMTP.items() if k != "TIMEOUT"}
+    settings.EMAIL_TIMEOUT = 0.5
+    sandbox.fault("connect", delay=3)
+    started = time.monotonic()
+    result = _attempt(via)
+    assert time.monotonic() - started < 2.5
+    expected = f"{sandbox.host}:{sandbox.port} did not answer within 0.5 s while connecting"
+    if via == "sync":
+        assert isinstance(result, ConnectionFailed)
+        assert expected in str(result)
+    else:
+        outcome, row = result
+        assert outcome == "retry" and expected in row.last_error
+    assert sandbox.deliveries == []
+
+
+def test_timeout_precedence(settings):
+    """Backend option, then GMAIL_SMTP["TIMEOUT"], then EMAIL_TIMEOUT, then 30."""
+    from django_gmail_smtp.conf import get_setting
+
+    settings.EMAIL_TIMEOUT = 7
+    assert get_setting("TIMEOUT", {"timeout": 3}) == 3
+    assert get_setting("TIMEOUT") == settings.GMAIL_SMTP["TIMEOUT"]
+    settings.GMAIL_SMTP = {k: v for k, v in settings.GMAIL_SMTP.items() if k != "TIMEOUT"}
+    assert get_setting("TIMEOUT") == 7
+    settings.EMAIL_TIMEOUT = None
+    assert get_setting("TIMEOUT") == 30
+
+
+def test_ssl_against_a_starttls_port_names_the_mismatch(account, sandbox, settings, via):
+    """SECURITY 'ssl' against a server that greets in plain text: a configuration error naming
+    SECURITY and PORT (not a CA-file hint), raised even with fail_silently, never an attempt."""
+    from django_gmail_smtp.exceptions import GmailConfigurationError, SecurityMismatch
+
+    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "SECURITY": "ssl"}
+    result = _attempt(via, fail_silently=True)
+    expected = (
+        f"SECURITY is 'ssl' but {sandbox.host}:{sandbox.port} answered without TLS: "
+        "port 587 uses 'starttls', 465 uses 'ssl'"
+    )
+    if via == "sync":
+        assert isinstance(result, SecurityMismatch)
+        assert isinstance(result, GmailConfigurationError)
+        text = str(result)
+    else:
+        outcome, row = result
+        assert outcome == "deferred" and row.reason == "config" and row.attempts == 0
+        text = row.last_error
+    assert expected in text
+    assert "CA_FILE" not in text and "certificate" not in text
+    assert text.lower().count("no credentials were sent") == 1
+    assert _auth_attempts(sandbox) == 0 and sandbox.deliveries == []
+
+
+def test_connect_timeout_is_not_reported_as_a_closed_connection(
+    ssl_sandbox, make_account, settings, via
+):
+    """STARTTLS against an implicit-TLS port: the server waits, silent, for a TLS handshake.
+    That is a timeout while connecting (with a hint about SECURITY), not "closed the connection"."""
+    make_account(ssl_sandbox)
+    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "SECURITY": "starttls", "TIMEOUT": 0.5}
+    result = _attempt(via)
+    expected = f"{ssl_sandbox.host}:{ssl_sandbox.port} did not answer within 0.5 s while connecting"
+    if via == "sync":
+        assert isinstance(result, ConnectionFailed)
+        text = str(result)
+    else:
+        outcome, row = result
+        assert outcome == "retry"
+        text = row.last_error
+    assert expected in text
+    assert "closed the connection" not in text
+    assert "set SECURITY to 'ssl'" in text
+    assert ssl_sandbox.deliveries == []
+
+
+@pytest.mark.parametrize("tls", ["sandbox", "ssl_sandbox"])
+def test_untrusted_certificate_says_no_credentials_were_sent_once(
+    request, make_account, settings, tls, via
+):
+    sb = request.getfixturevalue(tls)
+    make_account(sb)
+    settings.GMAIL_SMTP = {k: v for k, v in settings.GMAIL_SMTP.items() if k != "CA_FILE"}
+    result = _attempt(via)
+    if via == "sync":
+        text = str(result)
+    else:
+        outcome, row = result
+        assert outcome == "retry"
+        text = row.last_error
+    assert text.lower().count("no credentials were sent") == 1
+    assert "CA_FILE" in text
+    assert _auth_attempts(sb) == 0 and sb.deliveries == []
+
+
+def test_server_without_starttls_says_no_credentials_were_sent_once(make_account, settings):
+    with GmailSandbox(security="starttls", offer_starttls=False) as sb:
+        _wire(sb, settings)
+        make_account(sb)
+        error = _attempt("sync")
+        assert "STARTTLS" in str(error)
+        assert str(error).lower().count("no credentials were sent") == 1
+        assert sb.stats.plaintext_auth_attempts == 0
