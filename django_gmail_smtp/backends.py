@@ -19,7 +19,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 from django.views.decorators.debug import sensitive_variables
 
 from . import quota, signals
-from .conf import get_setting
+from .conf import ensure_valid_options, get_setting
 from .exceptions import GmailSMTPError, InvalidMessage, QuotaExceeded
 from .models import GmailAccount, normalize_address, normalize_app_password
 from .routing import Router, account_key
@@ -39,6 +39,7 @@ OPTION_NAMES = (
     "quota_database",
     "max_recipients_per_message",
     "reserved_share",
+    "max_message_size",
 )
 
 DJANGO_61 = django.VERSION >= (6, 1)
@@ -68,6 +69,10 @@ class GmailSMTPBackend(BaseEmailBackend):
         **kwargs: Any,
     ) -> None:
         self.options: dict[str, Any] = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+        # A bad MAILERS option fails here, when the mailer is created, not at the first send.
+        ensure_valid_options(
+            self.options, source=f'MAILERS["{alias}"]["OPTIONS"]' if alias else "backend options"
+        )
         if use_ssl:
             self.options.setdefault("security", "ssl")
         elif use_tls:
@@ -152,8 +157,12 @@ class GmailSMTPBackend(BaseEmailBackend):
 
     def _send(self, router: Router, message: EmailMessage) -> SendResult:
         """Route, reserve quota, send, record: failing over to another account on quota."""
+        from .outbox import refuse_oversized
+
         priority = quota.message_priority(message, self.priority)
         envelope = router.route(message)
+        assert envelope is not None
+        refuse_oversized(envelope, self.options, action="sent")
         tried: list[Any] = []
         while True:
             assert envelope is not None
@@ -166,13 +175,18 @@ class GmailSMTPBackend(BaseEmailBackend):
                 )
                 try:
                     result = self._pool.send(envelope)
-                except BaseException:
-                    reservation.release()  # Gmail did not accept it: not counted
+                except BaseException as exc:
+                    # Not counted unless Gmail may have kept it (no reply to the final ".").
+                    if not getattr(exc, "maybe_delivered", False):
+                        reservation.release()
                     raise
                 break
             except QuotaExceeded as exc:
                 if exc.limit == "gmail" and exc.phase != "quota":
-                    quota.mark_exhausted(envelope.account, exc.reply, self.options)
+                    # Gmail's 550 5.4.5: the exception tells when sending can resume.
+                    exc.next_slot_at = quota.mark_exhausted(
+                        envelope.account, exc.reply, self.options
+                    )
                 tried.append(account_key(envelope.account))
                 alternative = router.route(message, exclude=tried)
                 if alternative is None:
@@ -192,7 +206,12 @@ class GmailSMTPBackend(BaseEmailBackend):
             "from_rewritten": envelope.from_rewritten,
         }
         signals.email_sent.send(
-            type(self), message=message, account=envelope.account, result=result, outbound=None
+            type(self),
+            message=message,
+            account=envelope.account,
+            result=result,
+            outbound=None,
+            follow_up=None,  # refused recipients are in message.gmail_status["refused"]
         )
         return result
 
@@ -204,8 +223,8 @@ class CeleryGmailBackend(GmailSMTPBackend):
     (routed, with its exact bytes) and, when the transaction commits, hands only the row id to
     ``django_gmail_smtp.tasks.send_outbound_email``. A rolled-back transaction sends nothing;
     a broker that is down leaves the row queued for the sweeper. Returns the number queued.
-    Bad input (header injection, too many recipients, an unknown From with STRICT_FROM) is
-    refused here, at once, as with the sync backend.
+    Bad input (header injection, too many recipients, an unknown From with STRICT_FROM, a
+    message over ``MAX_MESSAGE_SIZE``) is refused here, at once, as with the sync backend.
     """
 
     def __init__(self, *args: Any, using: str | None = None, **kwargs: Any) -> None:
@@ -228,7 +247,11 @@ class CeleryGmailBackend(GmailSMTPBackend):
         for message in email_messages:
             try:
                 outbox.queue_messages(
-                    [message], router=router, priority=self.priority, using=self.using
+                    [message],
+                    router=router,
+                    priority=self.priority,
+                    using=self.using,
+                    options=self.options,
                 )
             except InvalidMessage:
                 raise

@@ -269,14 +269,20 @@ class GmailAccount(models.Model):
             account_unhealthy.send(type(self), account=self, error=error)
 
     def release_deferred(self) -> int:
-        """Make mail that waited for this account to be fixed due now (the sweeper sends it)."""
-        if not self.pk:
-            return 0
-        return OutboundEmail.objects.filter(
-            Q(account=self) | Q(account__isnull=True, account_email=normalize_address(self.email)),
-            status=OutboundEmail.Status.DEFERRED,
-            reason__in=[OutboundEmail.Reason.AUTH, OutboundEmail.Reason.CONFIG],
-        ).update(next_attempt_at=timezone.now())
+        """Make mail that waited for this account (or the configuration) to be fixed due now
+        (the sweeper sends it); return how many rows."""
+        unlinked = Q(account__isnull=True, account_email=normalize_address(self.email))
+        owned = (Q(account=self) | unlinked) if self.pk and not self.from_settings else unlinked
+        now = timezone.now()
+        return (
+            OutboundEmail.objects.filter(
+                owned,
+                status=OutboundEmail.Status.DEFERRED,
+                reason__in=[OutboundEmail.Reason.AUTH, OutboundEmail.Reason.CONFIG],
+            )
+            .exclude(next_attempt_at__lte=now)  # already due: nothing to write
+            .update(next_attempt_at=now)
+        )
 
     @property
     def is_healthy(self) -> bool:
@@ -284,9 +290,13 @@ class GmailAccount(models.Model):
         return self.health not in (self.Health.NEEDS_CONSENT, self.Health.CREDENTIALS_REJECTED)
 
     def mark_sent(self, when: datetime | None = None) -> None:
+        """Record a successful send. It proves the credentials and the configuration work, so
+        outbox mail of this account deferred for either becomes due again (even when the
+        account's health did not change, e.g. after a configuration error was fixed)."""
         self.last_sent_at = when or timezone.now()
         if self.pk and not self.from_settings:
             type(self).objects.filter(pk=self.pk).update(last_sent_at=self.last_sent_at)
+        self.release_deferred()
 
     def has_secret(self, field: str) -> bool:
         """Whether a secret is stored in ``field`` (even one no configured key can decrypt)."""
@@ -415,6 +425,18 @@ class OutboundEmail(models.Model):
     refused_recipients = models.JSONField(_("refused recipients"), default=dict, blank=True)
     sent_at = models.DateTimeField(_("sent"), null=True, blank=True)
     body_dropped_at = models.DateTimeField(_("body dropped"), null=True, blank=True)
+    retry_of = models.ForeignKey(
+        "self",
+        verbose_name=_("retry of"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="follow_ups",
+        help_text=_(
+            "The message whose recipients Gmail refused temporarily (4xx) while accepting "
+            "others: this row sends the same message to those recipients alone."
+        ),
+    )
     created_at = models.DateTimeField(_("queued at"), auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 

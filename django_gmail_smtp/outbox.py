@@ -10,9 +10,17 @@ The Celery backend and tasks are thin wrappers around these functions:
 - :func:`sweep` re-enqueues what is due: deferred rows whose time has come, queued rows whose
   task never reached the broker, and rows left ``sending`` past their lease.
 
-Delivery is at-least-once. The only case that can send a message twice is a worker that dies
-after Gmail's 250 reply and before the row is marked sent; the row is then re-queued when its
-lease (``SENDING_LEASE``) runs out and sent again.
+Each outcome (the row's new state, its attempt-log entry and, for recipients Gmail refused
+temporarily, the follow-up row that retries them) is written in one transaction: no reader sees
+``sent`` without its attempt. A database connection lost while recording is retried on a fresh
+connection for up to ``RECORD_RETRY_SECONDS`` (30 s).
+
+Delivery is at-least-once. A message is sent twice only if, after Gmail's 250 reply and before
+the row is marked sent, the worker dies or the database stays unreachable for longer than
+``RECORD_RETRY_SECONDS``: the row is then re-queued when its lease (``SENDING_LEASE``) runs
+out, and sent again. A connection that drops (or a reply that times out) after the whole message
+was uploaded is also retried, since Gmail may have kept it; such a message stays counted
+against the quota.
 """
 
 from __future__ import annotations
@@ -21,21 +29,24 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, connections, transaction
+from django.db import router as db_router
 from django.db.models import Q
 from django.utils import timezone
 
 from . import quota, signals
-from .conf import get_setting
+from .conf import DEFAULTS, get_setting
 from .credentials import settings_account
-from .exceptions import GmailSMTPError, QuotaExceeded
+from .exceptions import GmailSMTPError, MessageTooLarge, QuotaExceeded
 from .models import GmailAccount, OutboundAttempt, OutboundEmail, normalize_address
 from .routing import Envelope, Router
 from .transport import ConnectionPool, SendResult
@@ -45,6 +56,11 @@ logger = logging.getLogger(__name__)
 Status = OutboundEmail.Status
 Reason = OutboundEmail.Reason
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+#: seconds a lost database connection is retried while recording an outcome (after Gmail's
+#: 250, the only window in which a worker that gives up causes a second copy)
+RECORD_RETRY_SECONDS = 30.0
+#: the states a message ends in; their bodies are dropped after BODY_RETENTION_DAYS
+FINAL_STATES = (Status.SENT, Status.FAILED, Status.CANCELLED)
 
 
 # --- queueing ----------------------------------------------------------------------------------
@@ -56,12 +72,18 @@ def queue_messages(
     router: Router,
     priority: str,
     using: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> list[OutboundEmail]:
-    """Store each message in the outbox and enqueue its id when the transaction commits."""
+    """Store each message in the outbox and enqueue its id when the transaction commits.
+
+    A message larger than ``MAX_MESSAGE_SIZE`` raises :class:`MessageTooLarge` and is not
+    stored, as the sync backend refuses it before connecting.
+    """
     rows = []
     for message in messages:
         envelope = router.route(message)
         assert envelope is not None
+        refuse_oversized(envelope, options)
         row = OutboundEmail.objects.using(using).create(
             status=Status.QUEUED,
             priority=quota.message_priority(message, priority),
@@ -80,6 +102,22 @@ def queue_messages(
         signals.email_queued.send(OutboundEmail, outbound=row, message=message)
         transaction.on_commit(partial(dispatch, row.pk, row.priority), using=using)
     return rows
+
+
+def refuse_oversized(
+    envelope: Envelope, options: Mapping[str, Any] | None = None, *, action: str = "queued"
+) -> None:
+    """Raise :class:`MessageTooLarge` for a message over ``MAX_MESSAGE_SIZE`` (by default
+    Gmail's advertised SIZE, 35,882,577 bytes): Gmail would refuse it anyway."""
+    limit = int(get_setting("MAX_MESSAGE_SIZE", options))
+    size = len(envelope.data)
+    if size > limit:
+        raise MessageTooLarge(
+            f"The message is {size:,} bytes; Gmail accepts at most {limit:,} "
+            f'(GMAIL_SMTP["MAX_MESSAGE_SIZE"]), so it was not {action}',
+            account=envelope.account.email,
+            phase="size",
+        )
 
 
 def queue_name(priority: str) -> str:
@@ -104,6 +142,14 @@ def dispatch(outbound_id: int, priority: str, countdown: float | None = None) ->
                 retry=False,
                 producer=producer,
             )
+    except ImproperlyConfigured as exc:  # e.g. QUEUES: not a broker outage, say what to fix
+        logger.error(
+            "Could not hand outbound email %s to Celery: %s It stays queued; the sweeper "
+            "enqueues it once the setting is fixed.",
+            outbound_id,
+            exc,
+        )
+        return False
     except Exception as exc:  # kombu raises various errors for a broker that is down
         logger.warning(
             "Could not hand outbound email %s to Celery (%s: %s); it stays queued and the "
@@ -147,29 +193,83 @@ class _Delivery:
     def __init__(self, row: OutboundEmail, worker: str) -> None:
         self.row = row
         self.worker = worker
+        self.db = db_router.db_for_write(OutboundEmail)
 
-    def _log(self, outcome: str, *, code: int | None = None, reply: str = "", phase: str = ""):
-        OutboundAttempt.objects.create(
-            outbound=self.row,
-            account_email=self.row.account_email,
-            outcome=outcome,
-            code=code,
-            reply=reply[:2000],
-            phase=phase,
-            worker=self.worker,
-        )
+    # --- the record: one transaction per outcome ---------------------------------------------
 
-    def _finish(self, **fields: Any) -> bool:
-        """Record the outcome, only if the row is still ours (not re-queued by the sweeper)."""
-        fields.setdefault("lease_expires_at", None)
-        fields["updated_at"] = timezone.now()
+    def _record(
+        self,
+        outcome: str,
+        fields: dict[str, Any],
+        *,
+        code: int | None = None,
+        reply: str = "",
+        phase: str = "",
+        sent_by: GmailAccount | None = None,
+        follow_up: dict[str, Any] | None = None,
+    ) -> OutboundEmail | None:
+        """Write the row's new state, its attempt and any follow-up row in one transaction,
+        so no reader sees one without the other; return the follow-up row, if any.
+
+        ``sent_by``: the outcome is Gmail's 250 from this account. A lost database connection
+        is retried on a fresh one (see :func:`_write_with_retries`).
+        """
+        at = timezone.now()
+        fields = {"lease_expires_at": None, **fields, "updated_at": at}
         for name, value in fields.items():
             setattr(self.row, name, value)
-        return bool(
-            OutboundEmail.objects.filter(
-                pk=self.row.pk, status=Status.SENDING, claimed_by=self.worker
-            ).update(**fields)
-        )
+        attempt = {
+            "outbound_id": self.row.pk,
+            "at": at,
+            "account_email": self.row.account_email,
+            "outcome": outcome,
+            "code": code,
+            "reply": reply[:2000],
+            "phase": phase,
+            "worker": self.worker,
+        }
+
+        def write(again: bool) -> OutboundEmail | None:
+            return self._write(fields, attempt, again=again, sent_by=sent_by, follow_up=follow_up)
+
+        return _write_with_retries(write, db=self.db, row_id=self.row.pk, accepted=bool(sent_by))
+
+    def _write(
+        self,
+        fields: dict[str, Any],
+        attempt: dict[str, Any],
+        *,
+        again: bool,
+        sent_by: GmailAccount | None,
+        follow_up: dict[str, Any] | None,
+    ) -> OutboundEmail | None:
+        rows = OutboundEmail.objects.using(self.db)
+        with transaction.atomic(using=self.db):
+            key = {k: attempt[k] for k in ("outbound_id", "at", "worker", "outcome")}
+            if again and OutboundAttempt.objects.using(self.db).filter(**key).exists():
+                # The earlier try committed; only its acknowledgement was lost with the
+                # connection. Writing again would log the attempt (and queue a follow-up) twice.
+                return rows.filter(retry_of=self.row.pk).order_by("-pk").first()
+            # Only if the row is still ours (not re-queued by the sweeper).
+            mine = rows.filter(pk=self.row.pk, status=Status.SENDING, claimed_by=self.worker)
+            if not mine.update(**fields) and sent_by is not None:
+                # The send outlasted the lease and the sweeper re-queued the row: record it as
+                # sent anyway, unless another worker has claimed it meanwhile.
+                logger.warning(
+                    "Outbound email %s was sent after its lease ran out (SENDING_LEASE is too "
+                    "short for this send)",
+                    self.row.pk,
+                )
+                rows.filter(pk=self.row.pk, status__in=[Status.QUEUED, Status.DEFERRED]).update(
+                    **fields
+                )
+            OutboundAttempt.objects.using(self.db).create(**attempt)
+            created = rows.create(**follow_up) if follow_up is not None else None
+            if sent_by is not None:
+                sent_by.mark_sent(fields["sent_at"])
+        return created
+
+    # --- outcomes ------------------------------------------------------------------------------
 
     def sent(self, account: GmailAccount, result: SendResult) -> str:
         fields = {
@@ -180,36 +280,102 @@ class _Delivery:
             "reason": Reason.NONE,
             "last_error": "",
             "next_attempt_at": None,
-            "lease_expires_at": None,
         }
-        if not self._finish(**fields):
-            # The send outlasted the lease and the sweeper re-queued the row: record it as
-            # sent anyway, unless another worker has claimed it meanwhile.
-            logger.warning(
-                "Outbound email %s was sent after its lease ran out (SENDING_LEASE is too short "
-                "for this send)",
-                self.row.pk,
-            )
-            OutboundEmail.objects.filter(
-                pk=self.row.pk, status__in=[Status.QUEUED, Status.DEFERRED]
-            ).update(**fields)
-        self._log(OutboundAttempt.Outcome.SENT, code=250, reply=result.reply, phase="data")
-        account.mark_sent()
+        follow_up = self._follow_up(account, result.refused)
+        created = self._record(
+            OutboundAttempt.Outcome.SENT,
+            fields,
+            code=250,
+            reply=result.reply,
+            phase="data",
+            sent_by=account,
+            follow_up=follow_up,
+        )
+        if created is not None and created.next_attempt_at is not None:
+            countdown = (created.next_attempt_at - timezone.now()).total_seconds()
+            dispatch(created.pk, created.priority, countdown=max(0.0, countdown))
         signals.email_sent.send(
-            OutboundEmail, message=None, account=account, result=result, outbound=self.row
+            OutboundEmail,
+            message=None,
+            account=account,
+            result=result,
+            outbound=self.row,
+            follow_up=created,
         )
         return "sent"
 
-    def _record(self, outcome: str, error: Exception | None, text: str, **fields: Any) -> None:
+    def _follow_up(
+        self, account: GmailAccount, refused: dict[str, tuple[int, str]]
+    ) -> dict[str, Any] | None:
+        """The row that retries the recipients Gmail refused temporarily (450 4.2.1: that
+        recipient receives too fast) while it accepted the others; None if there are none.
+
+        It is the same message to those recipients alone, queued with the normal backoff, so
+        quota, retries and MAX_ATTEMPTS apply to it as to any row. Recipients refused for good
+        (5xx) stay recorded as refused on the sent row.
+        """
+        later = {r: v for r, v in refused.items() if 400 <= v[0] < 500}
+        if not later:
+            return None
+        row = self.row
+        listed = ", ".join(f"{r} ({code} {text})".strip() for r, (code, text) in later.items())
+        attempts = row.attempts + 1
+        if attempts >= int(get_setting("MAX_ATTEMPTS")):
+            logger.warning(
+                "Outbound email %s: Gmail refused %s temporarily; not retried, the message has "
+                "had %d attempts (MAX_ATTEMPTS)",
+                row.pk,
+                listed,
+                attempts,
+            )
+            return None
+        return {
+            "status": Status.QUEUED,
+            "reason": Reason.RETRY,
+            "priority": row.priority,
+            "account": account if account.pk and not account.from_settings else None,
+            "account_email": row.account_email,
+            "from_email": row.from_email,
+            "recipients": list(later),
+            "subject": row.subject,
+            "message_id": row.message_id,
+            "mime": bytes(row.mime),
+            "size": row.size,
+            "from_rewritten": row.from_rewritten,
+            "attempts": attempts,
+            "next_attempt_at": timezone.now() + timedelta(seconds=_backoff(attempts)),
+            "last_error": f"Gmail refused these recipients of #{row.pk} temporarily while "
+            f"accepting the others; this retries them alone: {listed}"[:2000],
+            "last_code": next(iter(later.values()))[0],
+            "retry_of": row,
+        }
+
+    def _outcome(self, outcome: str, error: Exception | None, text: str, **fields: Any) -> None:
         """Store the outcome on the row (with the reason in words) and in the attempt log."""
         code = getattr(error, "smtp_code", None)
-        self._finish(last_error=text, last_code=code, **fields)
-        self._log(outcome, code=code, reply=text, phase=getattr(error, "phase", None) or "")
+        self._record(
+            outcome,
+            {"last_error": text, "last_code": code, **fields},
+            code=code,
+            reply=text,
+            phase=getattr(error, "phase", None) or "",
+        )
+
+    def config_retry_at(self) -> datetime:
+        """When to try again after a configuration error: on the retry backoff, growing with
+        each deferral, since a fix (a setting, a deleted account added again) may change
+        nothing the app is told about. Not counted as a delivery attempt."""
+        deferrals = self.row.log.filter(outcome=OutboundAttempt.Outcome.DEFERRED).count()
+        try:
+            delay = _backoff(deferrals + 1)
+        except ImproperlyConfigured:  # the bad setting may be RETRY_*_DELAY itself
+            delay = float(DEFAULTS["RETRY_BASE_DELAY"]) * 2 ** min(deferrals, 7)
+        return timezone.now() + timedelta(seconds=delay)
 
     def defer(
         self, reason: str, text: str, until: datetime | None, error: Exception | None = None
     ) -> str:
-        self._record(
+        self._outcome(
             OutboundAttempt.Outcome.DEFERRED,
             error,
             text,
@@ -232,7 +398,7 @@ class _Delivery:
                 attempts=attempts,
             )
         delay = _backoff(attempts)
-        self._record(
+        self._outcome(
             OutboundAttempt.Outcome.RETRY,
             error,
             text,
@@ -246,7 +412,7 @@ class _Delivery:
 
     def fail(self, reason: str, text: str, error: Exception | None, **extra: Any) -> str:
         refused = getattr(error, "recipients", None) or {}
-        self._record(
+        self._outcome(
             OutboundAttempt.Outcome.FAILED,
             error,
             text,
@@ -258,6 +424,46 @@ class _Delivery:
         )
         signals.email_failed.send(OutboundEmail, outbound=self.row, error=error)
         return "failed"
+
+
+def _write_with_retries(
+    write: Callable[[bool], OutboundEmail | None], *, db: str, row_id: int, accepted: bool
+) -> OutboundEmail | None:
+    """Run ``write`` (one transaction); on a lost database connection, retry it on a fresh one
+    for up to RECORD_RETRY_SECONDS, so a database blip after Gmail's 250 does not leave the row
+    ``sending`` (to be sent again when its lease runs out)."""
+    deadline = time.monotonic() + RECORD_RETRY_SECONDS
+    delay, tries = 0.0, 0
+    while True:
+        try:
+            return write(tries > 0)
+        except (OperationalError, InterfaceError) as exc:
+            connection = connections[db]
+            # Inside the caller's transaction a new connection would lose its work: no retry.
+            if connection.in_atomic_block or time.monotonic() + delay > deadline:
+                if accepted:
+                    logger.error(
+                        "Gmail ACCEPTED outbound email %s, but it could not be recorded as sent "
+                        "(%s: %s). The row stays 'sending' and will be sent AGAIN when its "
+                        "SENDING_LEASE runs out, unless its status is set to 'sent' first.",
+                        row_id,
+                        type(exc).__name__,
+                        exc,
+                    )
+                raise
+            tries += 1
+            logger.warning(
+                "Could not record the outcome of outbound email %s (%s: %s); retrying on a new "
+                "database connection (try %d)",
+                row_id,
+                type(exc).__name__,
+                exc,
+                tries,
+            )
+            with suppress(Exception):  # the connection is broken: closing may fail too
+                connection.close()
+            time.sleep(delay)
+            delay = min(max(2 * delay, 0.5), 8.0)
 
 
 #: a task may run this much before its row's next attempt (timer granularity, clock skew)
@@ -300,7 +506,7 @@ def deliver(outbound_id: int, *, pool: ConnectionPool, worker: str = WORKER_ID) 
             Reason.CONFIG,
             f"No active account {row.account_email} to send from: it was deleted, or the "
             "EMAIL_HOST_USER it came from changed. Add the account again, or cancel the message.",
-            None,
+            delivery.config_retry_at(),
         )
     if not account.is_active:
         return delivery.defer(
@@ -332,7 +538,9 @@ def deliver(outbound_id: int, *, pool: ConnectionPool, worker: str = WORKER_ID) 
     try:
         result = pool.send(envelope)
     except BaseException as exc:
-        reservation.release()
+        # When in doubt, count it: no reply to the final "." means Gmail may have kept it.
+        if not getattr(exc, "maybe_delivered", False):
+            reservation.release()
         return _failed_send(delivery, account, exc)
     return delivery.sent(account, result)
 
@@ -345,15 +553,32 @@ def _failed_send(delivery: _Delivery, account: GmailAccount, exc: BaseException)
         if exc.category == "auth":
             return delivery.defer(Reason.AUTH, str(exc), None, exc)
         if exc.category == "temporary":
-            return delivery.retry_or_fail(str(exc), exc)
+            text = str(exc)
+            if getattr(exc, "maybe_delivered", False):
+                text += (
+                    " This happened after the whole message was sent, so Gmail may have kept "
+                    "it: it stays counted against the quota, and is sent again."
+                )
+            return _retry_or_defer(delivery, text, exc)
         return delivery.fail(Reason.PERMANENT, str(exc), exc)
     if isinstance(exc, ImproperlyConfigured):
-        return delivery.defer(Reason.CONFIG, str(exc), None, exc)
+        return delivery.defer(Reason.CONFIG, str(exc), delivery.config_retry_at(), exc)
     if isinstance(exc, Exception):
         logger.exception("Unexpected error sending outbound email %s", delivery.row.pk)
-        return delivery.retry_or_fail(f"Unexpected error: {type(exc).__name__}: {exc}", exc)
+        return _retry_or_defer(delivery, f"Unexpected error: {type(exc).__name__}: {exc}", exc)
     # KeyboardInterrupt / SystemExit: leave the row to the sweeper's lease.
     raise exc
+
+
+def _retry_or_defer(delivery: _Delivery, text: str, exc: Exception) -> str:
+    """Retry on the backoff; a bad MAX_ATTEMPTS / RETRY_* setting defers the row for its
+    configuration instead of leaving it ``sending`` until the lease runs out."""
+    try:
+        return delivery.retry_or_fail(text, exc)
+    except ImproperlyConfigured as config_error:
+        return delivery.defer(
+            Reason.CONFIG, str(config_error), delivery.config_retry_at(), config_error
+        )
 
 
 # --- sweeping and maintenance --------------------------------------------------------------------
@@ -426,7 +651,10 @@ def select(
 
 
 def retry(queryset) -> int:
-    """Make failed, deferred or cancelled rows due now and enqueue them; return how many."""
+    """Make failed, deferred or cancelled rows due now and enqueue them; return how many.
+
+    A row whose body was dropped (``BODY_RETENTION_DAYS``, ``purge``) cannot be sent again and
+    is left as it is (see :func:`body_dropped`)."""
     retryable = [Status.FAILED, Status.DEFERRED, Status.CANCELLED, Status.QUEUED]
     rows = list(
         queryset.filter(status__in=retryable, mime__isnull=False)
@@ -443,7 +671,19 @@ def retry(queryset) -> int:
     )
     for pk, priority in rows:
         transaction.on_commit(partial(dispatch, pk, priority))
+    skipped = body_dropped(queryset)
+    if skipped:
+        logger.warning(
+            "%d outbound email(s) not retried: their stored message was dropped after "
+            "BODY_RETENTION_DAYS, so there is nothing left to send",
+            skipped,
+        )
     return len(rows)
+
+
+def body_dropped(queryset) -> int:
+    """How many of these rows lost their stored message to retention (they cannot be retried)."""
+    return queryset.filter(body_dropped_at__isnull=False).count()
 
 
 def cancel(queryset) -> int:
@@ -453,18 +693,30 @@ def cancel(queryset) -> int:
     )
 
 
+def _finished_before(moment: datetime) -> Q:
+    """Rows in a final state since before ``moment``: sent mail by its sending time, failed and
+    cancelled mail by its last update (when it failed or was cancelled)."""
+    return Q(status=Status.SENT, sent_at__lt=moment) | Q(
+        status__in=[Status.FAILED, Status.CANCELLED], updated_at__lt=moment
+    )
+
+
 def purge(*, delete_sent_after: timedelta | None, drop_bodies_after: timedelta | None) -> dict:
-    """Delete old sent/cancelled rows, and drop the bodies of sent mail after retention."""
+    """Drop the stored bodies of finished mail (sent, failed, cancelled) after
+    ``drop_bodies_after``, and delete finished rows after ``delete_sent_after``.
+
+    Queued, deferred and sending mail keeps its body whatever its age: it is still to be sent
+    (cancel it to have its body dropped). A failed or cancelled row whose body was dropped can
+    no longer be retried."""
     now = timezone.now()
     result = {"deleted": 0, "bodies_dropped": 0}
     if drop_bodies_after is not None:
-        result["bodies_dropped"] = OutboundEmail.objects.filter(
-            status=Status.SENT, sent_at__lt=now - drop_bodies_after, body_dropped_at__isnull=True
-        ).update(mime=b"", body_dropped_at=now)
-    if delete_sent_after is not None:
-        old = OutboundEmail.objects.filter(
-            Q(status=Status.SENT, sent_at__lt=now - delete_sent_after)
-            | Q(status=Status.CANCELLED, updated_at__lt=now - delete_sent_after)
+        result["bodies_dropped"] = (
+            OutboundEmail.objects.filter(_finished_before(now - drop_bodies_after))
+            .filter(body_dropped_at__isnull=True)
+            .update(mime=b"", body_dropped_at=now)
         )
+    if delete_sent_after is not None:
+        old = OutboundEmail.objects.filter(_finished_before(now - delete_sent_after))
         result["deleted"] = old.delete()[0]
     return result

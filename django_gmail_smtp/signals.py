@@ -4,9 +4,16 @@ Every signal is sent with keyword arguments only:
 
 - ``email_queued``: ``outbound`` (OutboundEmail), ``message`` (the Django EmailMessage).
 - ``email_sent``: ``message`` (Django EmailMessage, or None from the outbox), ``account``
-  (GmailAccount), ``result`` (transport.SendResult), ``outbound`` (OutboundEmail or None).
+  (GmailAccount), ``result`` (transport.SendResult; ``result.refused`` lists the recipients
+  Gmail refused while accepting the others), ``outbound`` (OutboundEmail or None),
+  ``follow_up``: from the outbox, the queued OutboundEmail that retries the recipients Gmail
+  refused temporarily (4xx, e.g. ``450 4.2.1``), alone, with its ``retry_of`` set; None if
+  there were none, if the message had used up MAX_ATTEMPTS, or from the sync backend.
 - ``email_deferred``: ``outbound``, ``reason`` ("quota", "auth", "config"), ``until``
-  (datetime or None: until the account is fixed), ``error`` (the exception, or None).
+  (datetime, or None: until the account is fixed), ``error`` (the exception, or None). A
+  configuration error is retried on the retry backoff; a successful send from the account
+  (by either backend), a check or verify that succeeds, or a login that makes the account
+  healthy again makes its "auth" and "config" deferrals due at once.
 - ``email_failed``: ``outbound``, ``error`` (the GmailSMTPError, or None).
 - ``account_unhealthy``: ``account``, ``error``; sent when Gmail or Google starts refusing an
   account's credentials (by either backend, a check or the admin), so someone can be alerted.

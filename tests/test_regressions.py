@@ -138,7 +138,8 @@ def test_mail_of_a_deleted_then_readded_account_is_sent(sandbox, make_account, p
     account.delete()
     assert outbox.deliver(row.pk, pool=pool) == "deferred"
     make_account(sandbox)  # added again, same address
-    assert OutboundEmail.objects.get(pk=row.pk).next_attempt_at is None
+    # retried on the backoff (issue 8 item 9), not left waiting for a change of health
+    assert OutboundEmail.objects.get(pk=row.pk).next_attempt_at is not None
     outbox.retry(OutboundEmail.objects.filter(pk=row.pk))
     assert outbox.deliver(row.pk, pool=pool) == "sent"
 
