@@ -11,6 +11,11 @@ write lock on SQLite), then sums the window, checks the limits and adds to the c
 minute. Every process and machine therefore sees reservations one at a time. SQLite serialises
 writers of one file, so it is correct on a single machine only; use PostgreSQL across machines.
 
+The window is measured by the ledger database's clock (:mod:`~django_gmail_smtp.clock`), read
+inside the reservation's transaction, never by the clock of the process that reserves: a
+process whose clock runs ahead would otherwise see old sends leave the window early, and prune
+them. On SQLite that is the clock of the one machine every process runs on.
+
 A share of each account's quota (``RESERVED_SHARE``, default 10%) is kept for transactional
 mail: bulk mail may use only the rest.
 """
@@ -22,13 +27,13 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, transaction
 from django.db.models import F, Sum
 from django.db.models.functions import TruncDate
-from django.utils import timezone
 
+from .clock import DatabaseNow, db_now
 from .conf import format_time, get_setting
 from .exceptions import QuotaExceeded, TooManyRecipients
 from .models import GmailAccount, Limits, QuotaBucket, QuotaDay, SenderQuota, normalize_address
@@ -47,15 +52,22 @@ PRIORITIES = (TRANSACTIONAL, BULK)
 _clock: Callable[[], datetime] | None = None
 
 
-def now() -> datetime:
-    """The quota clock (``timezone.now`` unless a test set another with :func:`set_clock`)."""
-    return (_clock or timezone.now)()
+def now(options: Mapping[str, Any] | None = None) -> datetime:
+    """The quota clock: the ledger database's time, unless a test set one (:func:`set_clock`)."""
+    if _clock is not None:
+        return _clock()
+    return db_now(ledger_db(options))
 
 
 def set_clock(clock: Callable[[], datetime] | None) -> None:
-    """Make the quota window use ``clock`` (tests); ``None`` restores the real time."""
+    """Make the quota window use ``clock`` (tests); ``None`` restores the database's clock."""
     global _clock
     _clock = clock
+
+
+def _at(database_time: datetime) -> datetime:
+    """The ledger's "now": the database's time read in the same statement, or the set clock."""
+    return _clock() if _clock is not None else database_time
 
 
 def _minute(moment: datetime) -> datetime:
@@ -153,16 +165,28 @@ def _caps(limits: Limits, priority: str, share: float) -> tuple[int, int | None]
     return limits.messages, limits.recipients
 
 
-def _lock(address: str, db: str) -> tuple[int, datetime | None, str]:
-    """Take the address's ledger lock (creating its row once); return id and exhaustion."""
+class _Head(NamedTuple):
+    """The address's ledger row, read under its lock, and the database's time then."""
+
+    quota_id: int
+    exhausted_until: datetime | None
+    reason: str
+    database_time: datetime
+
+
+def _lock(address: str, db: str) -> _Head:
+    """Take the address's ledger lock (creating its row once); return its row and the time."""
     for _attempt in range(2):
         if SenderQuota.objects.using(db).filter(address=address).update(version=F("version") + 1):
+            # The database's clock rides along in the read we make anyway: no extra query,
+            # and it is read after the lock was granted.
             row = (
                 SenderQuota.objects.using(db)
                 .filter(address=address)
-                .values_list("id", "exhausted_until", "exhausted_reason")
+                .annotate(database_time=DatabaseNow())
+                .values_list("id", "exhausted_until", "exhausted_reason", "database_time")
             )
-            return row.get()
+            return _Head(*row.get())
         try:
             with transaction.atomic(using=db):
                 SenderQuota.objects.using(db).create(address=address)
@@ -249,10 +273,10 @@ def reserve(
             phase="quota",
         )
     caps = _caps(limits, priority, reserved_share(options))
-    at = now()
     db = ledger_db(options)
     with transaction.atomic(using=db):
-        quota_id, exhausted_until, reason = _lock(address, db)
+        quota_id, exhausted_until, reason, database_time = _lock(address, db)
+        at = _at(database_time)
         if exhausted_until is not None and exhausted_until > at:
             raise QuotaExceeded(
                 f"{address} is blocked by Gmail's sending limit until "
@@ -284,12 +308,17 @@ def reserve(
                 quota_id=quota_id, minute=minute, messages=1, recipients=recipients
             )
             # A new minute: roll what has left the window into per-day totals, then drop it.
-            _roll_up(quota_id, at - KEEP, db)
+            # Never past the database's clock, even when a test clock runs ahead of it.
+            _roll_up(quota_id, min(at, database_time) - KEEP, db)
     return Reservation(quota_id, address, minute, 1, recipients, db)
 
 
 def _roll_up(quota_id: int, before: datetime, db: str) -> None:
-    """Move buckets older than ``before`` into QuotaDay rows (usually one bucket, one day)."""
+    """Move buckets older than ``before`` into QuotaDay rows (usually one bucket, one day).
+
+    ``before`` is at least ``KEEP`` behind the database's clock, so a bucket in the window
+    (or in the future, after a clock went back) is never pruned.
+    """
     old = QuotaBucket.objects.using(db).filter(quota_id=quota_id, minute__lt=before)
     days = list(
         old.annotate(day=TruncDate("minute"))
@@ -351,11 +380,11 @@ def mark_exhausted(
     window; if the ledger shows room (mail was sent outside this app), for 24 hours.
     """
     address = _address(account)
-    at = now()
     limits = account.limits()
     db = ledger_db(options)
     with transaction.atomic(using=db):
-        quota_id, current, _reason = _lock(address, db)
+        quota_id, current, _reason, database_time = _lock(address, db)
+        at = _at(database_time)
         used = _used(quota_id, at, db)
         if _over(used, (1, 0), (limits.messages, limits.recipients)):
             until = _next_slot(
@@ -386,14 +415,19 @@ def quota_status(account: GmailAccount, options: Mapping[str, Any] | None = None
     address = _address(account)
     limits = account.limits()
     share = reserved_share(options)
-    at = now()
     db = ledger_db(options)
     row = (
         SenderQuota.objects.using(db)
         .filter(address=address)
-        .values_list("id", "exhausted_until", "exhausted_reason")
+        .annotate(database_time=DatabaseNow())
+        .values_list("id", "exhausted_until", "exhausted_reason", "database_time")
+        .first()
     )
-    quota_id, exhausted_until, reason = row.first() or (None, None, "")
+    if row is None:
+        quota_id, exhausted_until, reason, at = None, None, "", now(options)
+    else:
+        quota_id, exhausted_until, reason, database_time = row
+        at = _at(database_time)
     used = _used(quota_id, at, db) if quota_id else (0, 0)
     if exhausted_until is not None and exhausted_until <= at:
         exhausted_until, reason = None, ""

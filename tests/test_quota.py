@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from django.core.mail import EmailMessage, send_mail
 from django.core.management import call_command
+from django.utils import timezone as django_timezone
 
 from django_gmail_smtp import quota
+from django_gmail_smtp.clock import DatabaseNow, db_now
 from django_gmail_smtp.exceptions import QuotaExceeded, TooManyRecipients
 from django_gmail_smtp.models import GmailAccount, QuotaBucket, SenderQuota
 
@@ -159,6 +162,7 @@ def test_gmail_550_marks_account_exhausted_and_is_not_counted(account, sandbox, 
     with pytest.raises(QuotaExceeded) as info:
         send()
     assert info.value.smtp_code == 550
+    assert info.value.next_slot_at == START + timedelta(hours=24)  # when sending resumes
     status = account.quota_status()
     assert status.messages_used == 1  # the refused message was released
     # The ledger had room Gmail disagreed with: blocked for 24 hours from the rejection.
@@ -241,6 +245,68 @@ def test_old_buckets_are_pruned_into_daily_totals(account, sandbox, clock):
     assert SenderQuota.objects.get().address == SENDER
     (day,) = QuotaDay.objects.all()
     assert (day.day, day.messages, day.recipients) == (START.date(), 1, 2)
+
+
+def test_db_now_reads_the_database_clock(account):
+    """db_now(): the database's time, aware UTC with USE_TZ; the same as a query expression."""
+    moment = db_now()
+    assert moment.utcoffset() == timedelta(0)
+    assert abs(moment - django_timezone.now()) < timedelta(seconds=5)  # the server is local
+    assert abs(quota.now() - moment) < timedelta(seconds=5)  # no test clock: the database's
+    SenderQuota.objects.create(address=SENDER)
+    (annotated,) = SenderQuota.objects.annotate(t=DatabaseNow()).values_list("t", flat=True)
+    assert timedelta(0) <= annotated - moment < timedelta(seconds=5)
+
+
+def test_db_now_without_use_tz_is_naive_local_time(account, settings):
+    """With USE_TZ = False, the database's time is naive, in TIME_ZONE, like stored values."""
+    settings.USE_TZ = False
+    settings.TIME_ZONE = "Asia/Kathmandu"  # +05:45: no coincidence with UTC or whole hours
+    moment = db_now()
+    local = datetime.now(timezone.utc).astimezone(ZoneInfo("Asia/Kathmandu"))
+    assert moment.tzinfo is None
+    assert abs(moment - local.replace(tzinfo=None)) < timedelta(seconds=5)
+    quota.reserve(account, 2)
+    bucket = QuotaBucket.objects.get()
+    assert abs(bucket.minute - moment) < timedelta(minutes=2)
+    status = quota.quota_status(account)
+    assert (status.messages_used, status.recipients_used) == (1, 2)
+
+
+def test_window_uses_the_database_clock_not_the_process_clock(account, monkeypatch):
+    """A process whose clock runs 2 h ahead still counts sends from 23 h 30 min ago."""
+    account.daily_limit = 3
+    account.save()
+    head = SenderQuota.objects.create(address=SENDER)
+    minute = db_now().replace(second=0, microsecond=0)
+    earlier = QuotaBucket.objects.create(
+        quota=head, minute=minute - timedelta(hours=23, minutes=30), messages=3, recipients=3
+    )
+    real_now = django_timezone.now
+    monkeypatch.setattr(django_timezone, "now", lambda: real_now() + timedelta(hours=2))
+    with pytest.raises(QuotaExceeded):
+        quota.reserve(account, 1)
+    assert QuotaBucket.objects.filter(pk=earlier.pk).exists()
+
+
+def test_pruning_never_passes_the_database_clock(account):
+    """A clock ahead of the database's (here a test clock) prunes nothing still in the window,
+    nor a bucket in the future (left by a clock that ran ahead, then went back)."""
+    head = SenderQuota.objects.create(address=SENDER)
+    real = db_now()
+    minute = real.replace(second=0, microsecond=0)
+    kept = minute - timedelta(hours=23, minutes=30)
+    future = minute + timedelta(hours=3)
+    for at in (kept, future, minute - timedelta(hours=26)):
+        QuotaBucket.objects.create(quota=head, minute=at, messages=1, recipients=1)
+    quota.set_clock(lambda: real + timedelta(hours=2))
+    try:
+        reservation = quota.reserve(account, 1)  # a new minute: prunes what left the window
+    finally:
+        quota.set_clock(None)
+    minutes = set(QuotaBucket.objects.values_list("minute", flat=True))
+    assert minutes == {kept, future, reservation.minute}
+    assert quota.quota_status(account).messages_used == 3  # by the database's clock
 
 
 def test_reserve_costs_constant_queries(account, clock):
