@@ -1,0 +1,142 @@
+"""The README's install instructions, followed word for word on a new site.
+
+For each supported Django line (6.1 with ``MAILERS``; 4.2 with ``EMAIL_BACKEND``): build the
+wheel, install it into a clean virtualenv (no aiosmtpd, no django-environ), run
+``django-admin startproject``, append the README's settings block for that Django, migrate and
+send a password reset through the sandbox, all with deprecation warnings turned into errors.
+
+It creates virtualenvs and installs packages from the package index, so it runs only when
+``GMAIL_SMTP_INSTALL_TESTS=1`` (``.ci/run`` sets it in a step of its own).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from django_gmail_smtp.testing import GmailSandbox
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        os.environ.get("GMAIL_SMTP_INSTALL_TESTS") != "1",
+        reason="builds the wheel and installs it into new virtualenvs: set "
+        "GMAIL_SMTP_INSTALL_TESTS=1 to run it (.ci/run does)",
+    ),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+WARNINGS_AS_ERRORS = ["-W", "error::DeprecationWarning", "-W", "error::PendingDeprecationWarning"]
+USER = "you@gmail.com"
+APP_PASSWORD = "abcdefghijklmnop"
+
+
+def readme_block(first_line: str) -> str:
+    """The fenced Python block of README.md whose first line is ``first_line``."""
+    readme = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S):
+        if block.splitlines()[0].strip() == first_line:
+            return block
+    raise AssertionError(f"README.md has no ```python block starting with {first_line!r}")
+
+
+def find_python(minors: tuple[int, ...]) -> str | None:
+    """A Python 3.X interpreter for one of ``minors`` (PATH, then pyenv's installs)."""
+    candidates = [f"python3.{m}" for m in minors]
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    for minor in minors:
+        candidates += sorted(str(p) for p in pyenv_root.glob(f"versions/3.{minor}.*/bin/python3"))
+    for candidate in candidates:
+        path = shutil.which(candidate) or (candidate if Path(candidate).exists() else None)
+        if path and subprocess.run([path, "-V"], capture_output=True).returncode == 0:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+    )
+    (built,) = out.glob("django_gmail_smtp-*.whl")
+    return built
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (
+        f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    )
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    ("django", "pythons", "block"),
+    [
+        ("Django>=6.1,<6.2", (13, 12), "# settings.py (Django 6.1)"),
+        ("Django>=4.2,<5.0", (12, 11, 10), "# settings.py (Django 4.2 to 6.0)"),
+    ],
+    ids=["django-6.1", "django-4.2"],
+)
+def test_readme_install_sends_a_password_reset(wheel, tmp_path, django, pythons, block):
+    python = find_python(pythons)
+    if python is None:
+        pytest.skip(f"no Python 3.{pythons[0]} here for {django}")
+    venv = tmp_path / "venv"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    bin_dir = venv / "bin"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PYTHON"))}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    run([str(bin_dir / "python"), "-m", "pip", "install", "-q", str(wheel), django], tmp_path, env)
+
+    # What a user's site gets: nothing of the sandbox or of the example project's tooling.
+    probe = "import importlib.util as u; print(u.find_spec('aiosmtpd'), u.find_spec('environ'))"
+    assert run([str(bin_dir / "python"), "-c", probe], tmp_path, env).split() == ["None", "None"]
+
+    run([str(bin_dir / "django-admin"), "startproject", "mysite", str(tmp_path)], tmp_path, env)
+    settings_py = tmp_path / "mysite" / "settings.py"
+    with GmailSandbox() as sandbox:
+        sandbox.add_user(USER, app_password=APP_PASSWORD)
+        sandbox_settings = {k: v for k, v in sandbox.settings().items() if k != "TOKEN_URI"}
+        settings_py.write_text(
+            settings_py.read_text()
+            + "\n"
+            + readme_block(block)
+            + f"\n# The test's stand-in for smtp.gmail.com\nGMAIL_SMTP = {sandbox_settings!r}\n"
+        )
+        urls_py = tmp_path / "mysite" / "urls.py"  # the site's password-reset views
+        urls_py.write_text(
+            urls_py.read_text() + "\nfrom django.urls import include\n\n"
+            'urlpatterns += [path("accounts/", include("django.contrib.auth.urls"))]\n'
+        )
+        env.update(GMAIL_USER=USER, GMAIL_APP_PASSWORD=APP_PASSWORD)
+        manage = [str(bin_dir / "python"), *WARNINGS_AS_ERRORS, "manage.py"]
+        run([*manage, "migrate", "-v", "0"], tmp_path, env)
+        run([*manage, "check", "--fail-level", "ERROR"], tmp_path, env)
+        run(
+            [
+                *manage,
+                "shell",
+                "-c",
+                "from django.contrib.auth.models import User\n"
+                "from django.contrib.auth.forms import PasswordResetForm\n"
+                "User.objects.create_user('alice', 'alice@example.com', 'x')\n"
+                "form = PasswordResetForm({'email': 'alice@example.com'})\n"
+                "assert form.is_valid()\n"
+                "form.save(domain_override='example.com')\n",
+            ],
+            tmp_path,
+            env,
+        )
+        (delivered,) = sandbox.wait_for(1)
+    assert delivered.user == USER
+    assert delivered.rcpt_tos == ["alice@example.com"]
+    assert b"Password reset" in delivered.data
