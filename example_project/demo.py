@@ -10,7 +10,7 @@ settings, only GMAIL_SMTP's HOST/PORT/CA_FILE point elsewhere.
 
 The password reset goes out at once through GmailSMTPBackend. The contact form goes through
 CeleryGmailBackend: the request only writes an outbox row, and a real Celery worker (started
-here, on kombu's filesystem broker: no server needed) sends it.
+here, on the embedded atomicfs:// broker, a folder of files: no server needed) sends it.
 
 The demo keeps its own SQLite database (example_project/var/demo.sqlite3) and broker folder
 (example_project/var/broker/), whatever DATABASE_URL and CELERY_BROKER_URL say, unless
@@ -35,7 +35,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATABASE_URL = f"sqlite:///{HERE / 'var' / 'demo.sqlite3'}"
-DEFAULT_BROKER_URL = "filesystem://"
+DEFAULT_BROKER_URL = "atomicfs://"  # django_gmail_smtp.testing.broker
+EMBEDDED_BROKERS = ("atomicfs://", "filesystem://")  # brokers that are a folder
 DEFAULT_BROKER_FOLDER = HERE / "var" / "broker"
 
 SYNC_BACKEND = "django_gmail_smtp.backends.GmailSMTPBackend"
@@ -79,7 +80,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--broker-folder",
         type=Path,
         default=DEFAULT_BROKER_FOLDER,
-        help="the filesystem broker's folder; the worker's log goes next to it\n"
+        help="the embedded broker's folder; the worker's log goes next to it\n"
         "(default: %(default)s)",
     )
     parser.add_argument(
@@ -256,8 +257,8 @@ def celery_worker(broker_folder: Path, broker_url: str) -> Iterator[CeleryWorker
     """Start a worker, wait until it is ready, and stop it on the way out (also on errors and
     Ctrl-C)."""
     worker = CeleryWorker(broker_folder)
-    if broker_url.startswith("filesystem://"):
-        say("Starting a Celery worker (filesystem broker, no server needed)...")
+    if broker_url.startswith(EMBEDDED_BROKERS):
+        say("Starting a Celery worker (embedded file broker, no server needed)...")
     else:
         say(f"Starting a Celery worker (broker {broker_url.split('://', 1)[0]}://...)...")
     started = time.monotonic()
@@ -270,7 +271,7 @@ def celery_worker(broker_folder: Path, broker_url: str) -> Iterator[CeleryWorker
             f"celery -A example_project worker -Q {QUEUES} --concurrency 1 --beat "
             f"(pid {worker.process.pid}; log {shown(worker.log_path)})"
         )
-        if broker_url.startswith("filesystem://"):
+        if broker_url.startswith(EMBEDDED_BROKERS):
             folder = Path(os.environ["CELERY_BROKER_FOLDER"]) / "messages"
             say(f"  tasks travel as files in {shown(folder)}/")
         yield worker
@@ -482,7 +483,7 @@ def serve(sandbox: Any, port: int, worker: CeleryWorker) -> None:
                         say(f"\n  Reset link: {match.group(0)}")
                     say(how_sent(delivery))
                     say("")
-                time.sleep(0.2)
+                stop.wait(0.2)
         finally:
             connection.close()
 

@@ -6,6 +6,8 @@ The ``gmail_sandbox`` / ``gmail_sandbox_ssl`` fixtures come from the package's p
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from django_gmail_smtp.models import GmailAccount
@@ -17,6 +19,38 @@ pytest_plugins = ["django_gmail_smtp.testing.pytest_plugin"]
 APP_PASSWORD = "abcdefghijklmnop"
 SENDER = "sender@example.com"
 ALIAS = "alias@example.com"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker_cleanup():
+    """Leave nothing in the broker: this run's Redis keys, or its embedded broker folder."""
+    yield
+    from django.conf import settings
+
+    if getattr(settings, "REDIS_KEYS_ARE_TEMPORARY", False):
+        prefix = settings.REDIS_KEY_PREFIX
+        import redis
+
+        client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+        try:
+            for keys in _batched(client.scan_iter(match=f"{prefix}*", count=1000), 500):
+                client.delete(*keys)
+        finally:
+            client.close()
+    elif getattr(settings, "BROKER_FOLDER_IS_TEMPORARY", False):
+        folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _batched(iterable, size):
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _wire(sandbox, settings):

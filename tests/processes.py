@@ -7,12 +7,35 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from django.conf import settings
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float = 30.0,
+    message: str | Callable[[], str] = "the condition",
+    *,
+    interval: float = 0.05,
+) -> T:
+    """Poll ``condition`` until it returns something true and return that; fail after
+    ``timeout`` seconds with ``message`` (a callable is called then, to describe the state)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {text}")
+        time.sleep(interval)
 
 
 def child_env(**gmail_smtp: object) -> dict[str, str]:
@@ -83,14 +106,13 @@ class CeleryWorker:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60) -> CeleryWorker:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " ready." in self.log():
-                return self
+        def ready() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"the Celery worker exited:\n{self.log()}")
-            time.sleep(0.1)
-        raise AssertionError(f"the Celery worker did not become ready:\n{self.log()}")
+            return " ready." in self.log()
+
+        wait_for(ready, timeout, lambda: f"the Celery worker to be ready:\n{self.log()}")
+        return self
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and children) at once."""

@@ -3,8 +3,11 @@
 import json
 import os
 import tempfile
+import uuid
 
 import environ
+
+from django_gmail_smtp.testing import broker  # registers the atomicfs:// broker URL scheme
 
 env = environ.Env()
 
@@ -81,13 +84,21 @@ GMAIL_SMTP = {
 if os.environ.get("GMAIL_SMTP_TEST_SETTINGS"):
     GMAIL_SMTP = {**GMAIL_SMTP, **json.loads(os.environ["GMAIL_SMTP_TEST_SETTINGS"])}
 
-# Celery: Redis when REDIS_URL is given (CI), else kombu's filesystem transport (no server).
+# Celery: Redis when REDIS_URL is given (CI), else the embedded atomicfs:// broker (a folder, no
+# server; kombu's own filesystem:// transport lets a worker read half-written messages).
 REDIS_URL = env("REDIS_URL", default="")
-CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="") or (
-    REDIS_URL if REDIS_URL else "filesystem://"
-)
-if CELERY_BROKER_URL.startswith("filesystem"):
-    _queue_dir = env("CELERY_FS_DIR", default=os.path.join(TMP, "broker"))
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="") or (REDIS_URL or f"{broker.SCHEME}://")
+# A pytest run (PYTEST_VERSION is set) gets a broker folder / Redis key prefix of its own, which
+# the session fixture in tests/conftest.py removes at the end; the processes it starts inherit
+# them through the environment. Outside pytest (a worker started by hand) they are fixed.
+_OWN_RUN = "PYTEST_VERSION" in os.environ
+_RUN_ID = uuid.uuid4().hex[:12]
+if CELERY_BROKER_URL.startswith(("filesystem", broker.SCHEME)):
+    BROKER_FOLDER_IS_TEMPORARY = _OWN_RUN and "CELERY_FS_DIR" not in os.environ
+    _queue_dir = os.environ.setdefault(
+        "CELERY_FS_DIR",
+        os.path.join(TMP, f"broker-{_RUN_ID}" if BROKER_FOLDER_IS_TEMPORARY else "broker"),
+    )
     os.makedirs(_queue_dir, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": _queue_dir,
@@ -95,6 +106,14 @@ if CELERY_BROKER_URL.startswith("filesystem"):
         "control_folder": os.path.join(_queue_dir, "control"),
         "polling_interval": 0.05,
     }
+elif CELERY_BROKER_URL.startswith("redis"):
+    # Every key of the run (queues, bindings, unacked tasks) starts with this prefix.
+    REDIS_KEYS_ARE_TEMPORARY = _OWN_RUN and "GMAIL_SMTP_TEST_REDIS_PREFIX" not in os.environ
+    REDIS_KEY_PREFIX = os.environ.setdefault(
+        "GMAIL_SMTP_TEST_REDIS_PREFIX",
+        f"django_gmail_smtp_tests:{_RUN_ID if REDIS_KEYS_ARE_TEMPORARY else 'manual'}:",
+    )
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": REDIS_KEY_PREFIX}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False

@@ -1,12 +1,11 @@
 """The Celery backend with real worker processes, a real broker and the sandbox.
 
-The broker is Redis when REDIS_URL is set (CI), else kombu's filesystem transport; the worker
+The broker is Redis when REDIS_URL is set (CI), else the embedded atomicfs:// broker; the worker
 shares the test database (SQLite file or PostgreSQL).
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -17,7 +16,7 @@ from django_gmail_smtp import outbox
 from django_gmail_smtp.models import OutboundEmail
 
 from .conftest import SENDER
-from .processes import CeleryWorker
+from .processes import CeleryWorker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -78,13 +77,16 @@ def _forget_queues(queues):
 
 
 def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    rows = list(OutboundEmail.objects.values("pk", "status", "reason", "attempts", "last_error"))
-    raise AssertionError(f"timed out waiting for {what}; outbox: {rows}")
+    def state():
+        fields = ("pk", "status", "reason", "attempts", "last_error")
+        return f"{what}; outbox: {list(OutboundEmail.objects.values(*fields))}"
+
+    wait_for(predicate, timeout, state)
+
+
+def tasks_finished(worker, n):
+    """True once the worker has run ``n`` tasks to the end (polled, never slept for)."""
+    return lambda: worker.log().count("] succeeded in ") >= n
 
 
 def all_sent(n):
@@ -107,8 +109,12 @@ def test_rolled_back_transaction_sends_nothing(account, sandbox, start_worker):
     with pytest.raises(RuntimeError), transaction.atomic():
         send_mail("never", "b", SENDER, ["to@example.net"])
         raise RuntimeError("the view failed")
-    time.sleep(1)
-    assert sandbox.deliveries == [] and not OutboundEmail.objects.exists()
+    assert not OutboundEmail.objects.exists()
+    # One worker process takes the queue in order: once a message sent after the rollback is
+    # delivered, a task the rolled-back one had wrongly dispatched would have run too.
+    send_mail("after", "b", SENDER, ["to@example.net"])
+    wait_until(all_sent(1), what="the message sent after the rollback")
+    assert [d.message["Subject"] for d in sandbox.deliveries] == ["after"]
 
 
 def test_burst_costs_one_login(account, sandbox, start_worker):
@@ -125,13 +131,13 @@ def test_burst_costs_one_login(account, sandbox, start_worker):
 def test_same_task_delivered_twice_sends_once(account, sandbox, start_worker, queues):
     from django_gmail_smtp.tasks import send_outbound_email
 
-    start_worker()
-    send_mail("twice", "b", SENDER, ["to@example.net"])
+    worker = start_worker()
+    send_mail("twice", "b", SENDER, ["to@example.net"])  # its own task, on commit
     row = OutboundEmail.objects.get()
     send_outbound_email.apply_async((row.pk,), queue=queues["transactional"])
     send_outbound_email.apply_async((row.pk,), queue=queues["transactional"])
     wait_until(all_sent(1))
-    time.sleep(1)
+    wait_for(tasks_finished(worker, 3), 30, lambda: f"the three tasks to run:\n{worker.log()}")
     assert len(sandbox.deliveries) == 1
 
 

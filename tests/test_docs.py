@@ -86,8 +86,10 @@ def test_every_backend_argument_is_documented():
 
 
 def test_every_system_check_id_is_documented():
-    source = (ROOT / "django_gmail_smtp" / "checks.py").read_text()
-    in_code = set(re.findall(r'id="django_gmail_smtp\.([EW]\d{3})"', source))
+    source = "".join(
+        (ROOT / "django_gmail_smtp" / name).read_text() for name in ("checks.py", "celery_setup.py")
+    )
+    in_code = set(re.findall(r'"django_gmail_smtp\.([EW]\d{3})"', source))
     page = (DOCS / "settings.md").read_text()
     in_docs = set(re.findall(r"^\| `([EW]\d{3})` \|", page, flags=re.M))
     assert in_code, "no check ids found in checks.py"

@@ -1,5 +1,5 @@
 """The example project's demo runs end to end: sandbox, migrate, password reset (sent at once),
-contact form (queued, then sent by a real Celery worker on the filesystem broker)."""
+contact form (queued, then sent by a real Celery worker on the embedded atomicfs:// broker)."""
 
 import os
 import re
@@ -55,7 +55,7 @@ def test_demo_sends_password_reset_and_contact_message_through_celery(tmp_path):
     assert "Reset link: http://localhost:8000/accounts/reset/" in out, output
 
     # The contact form: the request only queued it; a real worker sent it.
-    assert "Starting a Celery worker (filesystem broker, no server needed)..." in out, output
+    assert "Starting a Celery worker (embedded file broker, no server needed)..." in out, output
     ready = re.search(r"ready after [\d.]+ s: celery -A example_project worker .*\(pid (\d+);", out)
     assert ready, output
     queued = re.search(r"the view answered 302 in \d+ ms: it only wrote outbox row #(\d+)", out)
@@ -86,4 +86,6 @@ def test_demo_sends_password_reset_and_contact_message_through_celery(tmp_path):
     assert status == "sent"
     log = (tmp_path / "celery-worker.log").read_text()
     assert "send_outbound_email" in log and "succeeded" in log, log
+    # The embedded broker that writes each task whole (not kombu's filesystem:// transport).
+    assert "Connected to atomicfs://" in log, log
     assert (broker / "messages").is_dir()

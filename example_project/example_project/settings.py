@@ -99,15 +99,20 @@ if env("EMAIL_URL", default=""):
 # --- Celery (for CeleryGmailBackend: the outbox) ------------------------------------------------
 # The app is example_project/celery.py. A real site uses Redis or RabbitMQ,
 #   CELERY_BROKER_URL=redis://localhost:6379/0
-# The default, kombu's filesystem transport, needs no server: each task is a file in
-# var/broker/messages/ (fine for one machine and for trying things out, not for production).
+# The default, atomicfs:// (django_gmail_smtp.testing.broker), needs no server: each task is a
+# file in var/broker/messages/, written whole before any worker can see it (kombu's own
+# filesystem:// transport lets a worker read a half-written task). Fine for one machine and for
+# trying things out, not for production.
 # From example_project/, a worker for both queues with the beat that sweeps the outbox:
 #   celery -A example_project worker -Q gmail_smtp.transactional,gmail_smtp.bulk --beat
 # or, on a real site, the worker(s) and a single beat as separate processes:
 #   celery -A example_project worker -Q gmail_smtp.transactional,gmail_smtp.bulk
 #   celery -A example_project beat
-CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
-if CELERY_BROKER_URL.startswith("filesystem://"):
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="atomicfs://")
+if CELERY_BROKER_URL.startswith(("atomicfs://", "filesystem://")):
+    # Registers the atomicfs:// scheme with kombu, in the site and in each worker.
+    import django_gmail_smtp.testing.broker  # noqa: F401
+
     _broker_folder = Path(env("CELERY_BROKER_FOLDER", default=str(BASE_DIR / "var" / "broker")))
     (_broker_folder / "messages").mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {

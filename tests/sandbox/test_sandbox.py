@@ -43,6 +43,8 @@ from django_gmail_smtp.testing import (
 )
 from django_gmail_smtp.testing import certs as certs_module
 
+from ..processes import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 ME = "me@example.com"
 APP_PASSWORD = "abcdefghijklmnop"
@@ -1061,7 +1063,14 @@ call_command(Command(), *sys.argv[1:])
 """
 
 
-def test_management_command(tmp_path: Path) -> None:
+def _ignore_sigint() -> None:
+    # What a non-interactive shell does to a job it starts in the background (`cmd &`): the
+    # process inherits SIGINT ignored, so Python raises no KeyboardInterrupt on Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_management_command(tmp_path: Path, stop_signal: signal.Signals) -> None:
     ready = tmp_path / "ready.json"
     spool = tmp_path / "spool"
     process = subprocess.Popen(
@@ -1070,13 +1079,15 @@ def test_management_command(tmp_path: Path) -> None:
          "--daily-limit", "5"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=_ignore_sigint,
     )  # fmt: skip
+
+    def started() -> bool:
+        assert process.poll() is None, process.communicate()
+        return ready.exists()
+
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the sandbox command did not get ready"
-            time.sleep(0.05)
+        wait_for(started, 30, "the sandbox command to get ready")
         info = json.loads(ready.read_text())
         assert info["ca_file"] == str(tmp_path / "certs" / "ca.pem")
         context = ssl.create_default_context(cafile=info["ca_file"])
@@ -1084,13 +1095,16 @@ def test_management_command(tmp_path: Path) -> None:
             client.starttls(context=context)
             client.login(ME, APP_PASSWORD)
             client.sendmail(ME, ["you@example.net"], message("From the command"))
-        deadline = time.monotonic() + 10
-        while not list(spool.glob("*.eml")):
-            assert time.monotonic() < deadline, "no spooled message"
-            time.sleep(0.05)
+        wait_for(lambda: list(spool.glob("*.eml")), 10, "the message to be spooled")
+        process.send_signal(stop_signal)
+        try:
+            stdout, stderr = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the sandbox command did not stop on {stop_signal.name}")
     finally:
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=30)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
     assert process.returncode == 0, stderr
     [eml] = spool.glob("*.eml")
     assert b"Subject: From the command" in eml.read_bytes()

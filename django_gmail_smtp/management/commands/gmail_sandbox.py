@@ -25,6 +25,22 @@ def _pair(value: str, what: str) -> tuple[str, str]:
     return first.strip(), second
 
 
+#: The signals that stop the sandbox: Ctrl-C, and a service manager's or a script's stop.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_on_signals(stop: threading.Event) -> dict[int, Any]:
+    """Make SIGINT and SIGTERM set ``stop``; return the handlers they had.
+
+    Installed explicitly, whatever was inherited: a process started in the background by a
+    non-interactive shell inherits SIGINT *ignored*, so Python raises no KeyboardInterrupt and
+    Ctrl-C (or a script's ``kill -INT``) would never stop the sandbox.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # call_command() from a thread: signal handlers can only be set in the main one
+    return {signum: signal.signal(signum, lambda *_: stop.set()) for signum in STOP_SIGNALS}
+
+
 class Command(BaseCommand):
     help = (
         "Run a local SMTP server that answers like smtp.gmail.com, and a Google-compatible "
@@ -123,9 +139,7 @@ class Command(BaseCommand):
 
         ready_file = Path(options["ready_file"]).resolve() if options["ready_file"] else None
         stop = threading.Event()
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        previous = _stop_on_signals(stop)
         try:
             self._announce(sandbox, users, clients, spool, options["daily_limit"])
             if ready_file is not None:
@@ -136,8 +150,8 @@ class Command(BaseCommand):
             pass
         finally:
             sandbox.stop()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if ready_file is not None:
                 ready_file.unlink(missing_ok=True)
             self.stdout.write("Gmail sandbox stopped.")
