@@ -1,60 +1,57 @@
-"""Django email backends.
+"""Django email backends: thin siblings over :class:`GmailBackendBase`.
 
-``GmailSMTPBackend`` sends now, in the calling process. Both backends are usable as
-``EMAIL_BACKEND`` (Django 4.2-6.0) and as the ``BACKEND`` of a Django 6.1 ``MAILERS`` entry,
-whose ``OPTIONS`` arrive here as keyword arguments (``host``, ``port``, ``security``,
-``timeout``, ``ca_file``, ``ehlo_hostname``, ``strict_from``, ``account``).
+``GmailSMTPBackend`` sends now, in the calling process; ``CeleryGmailBackend`` queues in the
+outbox for a Celery worker. Both are usable as ``EMAIL_BACKEND`` (Django 4.2-6.0) and as the
+``BACKEND`` of a Django 6.1 ``MAILERS`` entry, whose ``OPTIONS`` arrive here as keyword
+arguments (``host``, ``port``, ``security``, ``timeout``, ``ca_file``, ``quota_database``,
+``transport_class``, ... see :data:`OPTION_NAMES`; and ``account``, ``username``,
+``password``). The options are resolved once into a
+:class:`~django_gmail_smtp.conf.MailerSettings`; the work is done by the delivery pipeline
+(:mod:`django_gmail_smtp.pipeline`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import django
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.views.decorators.debug import sensitive_variables
 
-from . import quota, signals
-from .conf import ensure_valid_options, get_setting
-from .exceptions import GmailSMTPError, InvalidMessage, QuotaExceeded
-from .models import GmailAccount, normalize_address, normalize_app_password
-from .routing import Router, account_key
-from .transport import ConnectionPool, SendResult
+from .conf import MAILER_OPTIONS, MailerSettings, for_mailer, resolve
+from .exceptions import GmailConfigurationError, GmailSMTPError, InvalidMessage
+from .pipeline import Pipeline
+from .routing import Router
+from .transport import make_transport
 
 logger = logging.getLogger(__name__)
 
-#: backend options that map to GMAIL_SMTP keys (lower case here, upper case there)
-OPTION_NAMES = (
-    "host",
-    "port",
-    "security",
-    "timeout",
-    "ca_file",
-    "ehlo_hostname",
-    "strict_from",
-    "quota_database",
-    "max_recipients_per_message",
-    "reserved_share",
-    "max_message_size",
-)
+#: backend options that map to GMAIL_SMTP keys (lower case here, upper case there); ``priority``
+#: is one too, but a named argument
+OPTION_NAMES = tuple(name for name in MAILER_OPTIONS if name != "priority")
 
 DJANGO_61 = django.VERSION >= (6, 1)
 
 
-class GmailSMTPBackend(BaseEmailBackend):
-    """Send each message now over one verified, authenticated connection per account.
+class GmailBackendBase(BaseEmailBackend):
+    """What both backends share: options resolved once into :attr:`settings`, one
+    :class:`~django_gmail_smtp.pipeline.Pipeline`, ``fail_silently`` and the router.
 
-    A whole ``send_messages`` batch shares the connection(s); used as a context manager
-    (``with backend:``) the connections stay open across calls until ``close()``.
-    After sending, each message has a ``gmail_status`` dict: ``account``, ``reply`` (Gmail's
-    250 text), ``message_id`` and ``refused`` (recipients Gmail refused while accepting others).
+    A subclass implements :meth:`handle` (one routed message) and may set
+    :attr:`include_paused` (whether paused accounts may be chosen, their mail waiting).
     """
 
-    @sensitive_variables("password", "kwargs")
+    #: paused accounts may be chosen (after active ones); their mail then waits for them
+    include_paused: ClassVar[bool] = False
+    #: the verb of the fail_silently warning: "sent" or "queued"
+    action: ClassVar[str] = "sent"
+
+    @sensitive_variables("password", "kwargs", "options")
     def __init__(
         self,
         fail_silently: bool = False,
@@ -68,36 +65,39 @@ class GmailSMTPBackend(BaseEmailBackend):
         use_ssl: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        self.options: dict[str, Any] = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
-        # A bad MAILERS option fails here, when the mailer is created, not at the first send.
-        ensure_valid_options(
-            self.options, source=f'MAILERS["{alias}"]["OPTIONS"]' if alias else "backend options"
+        options = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
+        options.update(
+            account=account,
+            priority=priority,
+            username=username,
+            password=password,
+            use_tls=use_tls,
+            use_ssl=use_ssl,
         )
-        if use_ssl:
-            self.options.setdefault("security", "ssl")
-        elif use_tls:
-            self.options.setdefault("security", "starttls")
+        # A bad option fails here, when the mailer is created, not at the first send.
+        self.settings: MailerSettings = resolve(options, alias=alias or "")
         self.fail_silently = bool(fail_silently)
         if DJANGO_61:
             super().__init__(alias=alias, **kwargs)
         else:  # Django < 6.1
             super().__init__(fail_silently=fail_silently, **kwargs)
             self.alias = alias
-        self.account_address = account
-        self.priority = priority or get_setting("PRIORITY", self.options)
-        if self.priority not in quota.PRIORITIES:
-            from .exceptions import GmailConfigurationError
-
-            raise GmailConfigurationError(
-                f"priority must be 'transactional' or 'bulk', not {self.priority!r}."
-            )
-        self._login_override = (username, password) if username else None
-        self._pool = ConnectionPool(self.options)
+        self.account_address = self.settings.account
+        self.priority = self.settings.priority
+        self.pipeline = Pipeline(self.settings, transport=self._transport(), sender=type(self))
         self._keep_open = False
         self._lock = threading.RLock()
 
+    def _transport(self) -> Any:
+        return make_transport(self.settings)
+
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} alias={self.alias!r} {self._pool!r}>"
+        return f"<{type(self).__name__} alias={self.alias!r} {self.pipeline.transport!r}>"
+
+    @property
+    def options(self) -> MailerSettings:
+        """This mailer's settings (named ``options`` when they were a dict)."""
+        return self.settings
 
     # --- connection lifecycle ------------------------------------------------------------------
     def open(self) -> bool:
@@ -115,121 +115,100 @@ class GmailSMTPBackend(BaseEmailBackend):
         """Close every open connection (QUIT); never raises."""
         with self._lock:
             self._keep_open = False
-            self._pool.close()
+            self.pipeline.transport.close()
 
-    # --- sending ---------------------------------------------------------------------------------
+    # --- sending -------------------------------------------------------------------------------
+    def router(self) -> Router:
+        """A router for one batch, with this mailer's options."""
+        return self.pipeline.router(include_paused=self.include_paused)
+
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
-        """Send the messages; return how many Gmail accepted."""
+        """Handle each message; return how many were sent (or queued).
+
+        Bad input (header injection, no recipients, ...) always raises, like Django's
+        ``BadHeaderError``; other sending errors are logged instead when ``fail_silently``.
+        """
         if not email_messages:
             return 0
         with self._lock:
             started = self.open()
-            sent = 0
-            router = self._router()
             try:
+                router = self.router()
+                done = 0
                 for message in email_messages:
                     try:
-                        self._send(router, message)
+                        self.handle(router, message)
                     except InvalidMessage:
-                        raise  # like Django's BadHeaderError: never hidden by fail_silently
+                        raise  # never hidden by fail_silently
                     except GmailSMTPError:
                         if not self.fail_silently:
                             raise
-                        logger.warning("Message not sent (fail_silently=True)", exc_info=True)
+                        logger.warning(
+                            "Message not %s (fail_silently=True)", self.action, exc_info=True
+                        )
                     else:
-                        sent += 1
+                        done += 1
+                return done
             finally:
                 if started:
                     self.close()
-        return sent
 
-    def _router(self) -> Router:
-        router = Router(
-            account=self.account_address,
-            options=self.options,
-            include_paused=isinstance(self, CeleryGmailBackend),
-        )
-        if self._login_override is not None:
-            account = _explicit_account(*self._login_override)
-            router._accounts = [account]
-            router.forced = account.email
-        return router
-
-    def _send(self, router: Router, message: EmailMessage) -> SendResult:
-        """Route, reserve quota, send, record: failing over to another account on quota."""
-        from .outbox import refuse_oversized
-
-        priority = quota.message_priority(message, self.priority)
-        envelope = router.route(message)
-        assert envelope is not None
-        refuse_oversized(envelope, self.options, action="sent")
-        tried: list[Any] = []
-        while True:
-            assert envelope is not None
-            try:
-                reservation = quota.reserve(
-                    envelope.account,
-                    len(envelope.recipients),
-                    priority=priority,
-                    options=self.options,
-                )
-                try:
-                    result = self._pool.send(envelope)
-                except BaseException as exc:
-                    # Not counted unless Gmail may have kept it (no reply to the final ".").
-                    if not getattr(exc, "maybe_delivered", False):
-                        reservation.release()
-                    raise
-                break
-            except QuotaExceeded as exc:
-                if exc.limit == "gmail" and exc.phase != "quota":
-                    # Gmail's 550 5.4.5: the exception tells when sending can resume.
-                    exc.next_slot_at = quota.mark_exhausted(
-                        envelope.account, exc.reply, self.options
-                    )
-                tried.append(account_key(envelope.account))
-                alternative = router.route(message, exclude=tried)
-                if alternative is None:
-                    raise
-                logger.info(
-                    "%s has no quota left; sending from %s instead",
-                    envelope.account.email,
-                    alternative.account.email,
-                )
-                envelope = alternative
-        envelope.account.mark_sent()
-        message.gmail_status = {
-            "account": envelope.account.email,
-            "reply": result.reply,
-            "message_id": result.message_id,
-            "refused": result.refused,
-            "from_rewritten": envelope.from_rewritten,
-        }
-        signals.email_sent.send(
-            type(self),
-            message=message,
-            account=envelope.account,
-            result=result,
-            outbound=None,
-            follow_up=None,  # refused recipients are in message.gmail_status["refused"]
-        )
-        return result
+    def handle(self, router: Router, message: EmailMessage) -> None:  # pragma: no cover
+        raise NotImplementedError
 
 
-class CeleryGmailBackend(GmailSMTPBackend):
+class GmailSMTPBackend(GmailBackendBase):
+    """Send each message now over one verified, authenticated connection per account.
+
+    A whole ``send_messages`` batch shares the connection(s); used as a context manager
+    (``with backend:``) the connections stay open across calls until ``close()``.
+    After sending, each message has a ``gmail_status`` dict: ``account``, ``reply`` (Gmail's
+    250 text), ``message_id`` and ``refused`` (recipients Gmail refused while accepting others).
+    """
+
+    def handle(self, router: Router, message: EmailMessage) -> None:
+        self.pipeline.send_now(router, message, self.priority)
+
+
+class CeleryGmailBackend(GmailBackendBase):
     """Queue each message in the outbox, inside the caller's transaction; a Celery worker sends it.
 
     ``send_messages`` writes one :class:`~django_gmail_smtp.models.OutboundEmail` per message
-    (routed, with its exact bytes) and, when the transaction commits, hands only the row id to
-    ``django_gmail_smtp.tasks.send_outbound_email``. A rolled-back transaction sends nothing;
-    a broker that is down leaves the row queued for the sweeper. Returns the number queued.
-    Bad input (header injection, too many recipients, an unknown From with STRICT_FROM, a
-    message over ``MAX_MESSAGE_SIZE``) is refused here, at once, as with the sync backend.
+    (routed, with its exact bytes and this mailer's ``MAILERS`` alias) and, when the transaction
+    commits, hands only the row id to ``django_gmail_smtp.tasks.send_outbound_email``. A
+    rolled-back transaction sends nothing; a broker that is down leaves the row queued for the
+    sweeper. Returns the number queued. Bad input (header injection, too many recipients, an
+    unknown From with STRICT_FROM, a message over ``MAX_MESSAGE_SIZE``) is refused here, at
+    once, as with the sync backend.
+
+    The worker sends with the settings of the mailer that queued the row, which it reads from
+    ``MAILERS[alias]["OPTIONS"]`` (or GMAIL_SMTP for a backend without an alias): never from
+    the task, which carries only the row id, so credentials never pass through the broker.
+    Options the worker cannot see that way (keyword arguments that are not those of the
+    ``MAILERS`` entry, or connection options without an alias) are refused here with
+    :class:`~django_gmail_smtp.exceptions.GmailConfigurationError`, rather than sent with other
+    settings than asked for. Options used only while queueing (``priority``, ``account``,
+    ``strict_from``, ``max_recipients_per_message``, ``max_message_size``) may differ.
     """
+
+    include_paused = True
+    action = "queued"
+    #: options applied while queueing, which the worker does not need to see
+    QUEUE_TIME_OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"priority", "account", "strict_from", "max_recipients_per_message", "max_message_size"}
+    )
 
     def __init__(self, *args: Any, using: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.using = using
+        self._refuse_options_the_worker_cannot_see()
+
+    def _transport(self) -> Any:
+        self.settings.transport()  # a transport_class that cannot be imported fails now
+        return None  # nothing to send with here: the worker holds the connections
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} alias={self.alias!r}>"
 
     def open(self) -> bool:
         return False  # nothing to open: the worker holds the connections
@@ -237,44 +216,36 @@ class CeleryGmailBackend(GmailSMTPBackend):
     def close(self) -> None:
         return None
 
-    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
-        from . import outbox
+    def handle(self, router: Router, message: EmailMessage) -> None:
+        self.pipeline.queue(router, message, self.priority, using=self.using)
 
-        if not email_messages:
-            return 0
-        queued = 0
-        router = self._router()
-        for message in email_messages:
-            try:
-                outbox.queue_messages(
-                    [message],
-                    router=router,
-                    priority=self.priority,
-                    using=self.using,
-                    options=self.options,
-                )
-            except InvalidMessage:
-                raise
-            except GmailSMTPError:
-                if not self.fail_silently:
-                    raise
-                logger.warning("Message not queued (fail_silently=True)", exc_info=True)
-            else:
-                queued += 1
-        return queued
-
-
-@sensitive_variables("password")
-def _explicit_account(username: str, password: str | None) -> GmailAccount:
-    """``get_connection(username=..., password=...)`` as Django's SMTP backend accepts it."""
-    account = GmailAccount.objects.active().filter(email=normalize_address(username)).first()
-    if account is not None and not password:
-        return account
-    account = GmailAccount(
-        email=normalize_address(username),
-        auth_method=GmailAccount.AuthMethod.APP_PASSWORD,
-        app_password=normalize_app_password(password or ""),
-        is_default=True,
-    )
-    account.from_settings = True
-    return account
+    def _refuse_options_the_worker_cannot_see(self) -> None:
+        alias = self.settings.alias
+        name = type(self).__name__
+        try:
+            worker = for_mailer(alias)
+        except GmailConfigurationError as exc:
+            raise GmailConfigurationError(
+                f"{name}(alias={alias!r}) cannot queue mail: its Celery worker reads the "
+                f"mailer's options from MAILERS by that alias, and {exc}"
+            ) from None
+        ignored = set(self.QUEUE_TIME_OPTIONS)
+        if not self.settings.password:
+            # A username alone routes to the active account of that address: the row names it.
+            ignored |= {"username", "password"}
+        differ = [
+            f.name
+            for f in dataclasses.fields(MailerSettings)
+            if f.compare
+            and f.name not in ignored
+            and getattr(worker, f.name) != getattr(self.settings, f.name)
+        ]
+        if differ:
+            where = f'MAILERS["{alias}"]["OPTIONS"]' if alias else "GMAIL_SMTP"
+            raise GmailConfigurationError(
+                f"{name} was given {', '.join(differ)} other than in {where}, but its Celery "
+                f"worker sends with the options in {where}: the task carries only the outbox "
+                "row's id (and the row the mailer's alias), never options or credentials. Put "
+                "these options in a MAILERS entry (Django 6.1) and send through that mailer, or "
+                "set them in GMAIL_SMTP."
+            )

@@ -4,21 +4,37 @@ Order of precedence for every option: keyword arguments given to a backend (whic
 Django 6.1 ``MAILERS`` entry's ``OPTIONS`` arrive), then the ``GMAIL_SMTP`` settings dict, then
 (for ``TIMEOUT``, in projects without ``MAILERS``) Django's ``EMAIL_TIMEOUT``, then the default
 below. :data:`SETTINGS` describes every key; values are checked as they are read.
+
+The delivery path reads a mailer's options once, as one immutable :class:`MailerSettings`:
+:func:`resolve` builds it from a backend's keyword arguments, :func:`for_mailer` from a
+``MAILERS`` alias (cached per alias until a setting changes). An outbox row stores the alias
+that queued it, so the Celery worker resolves the very same options as the backend did.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import django
 from django.conf import settings
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
+from .enums import Priority
 from .exceptions import GmailConfigurationError
+
+DJANGO_61 = django.VERSION >= (6, 1)
+
+try:
+    from django.core.signals import setting_changed
+except ImportError:  # Django < 4.2 kept it in django.test.signals only
+    from django.test.signals import setting_changed
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/v2/auth"
@@ -54,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "POOL_IDLE_CHECK": 30,  # seconds idle after which a pooled connection is probed (NOOP)
     "BODY_RETENTION_DAYS": 7,  # bodies of sent/failed/cancelled mail are dropped after; None: keep
     "MAX_MESSAGE_SIZE": 35882577,  # bytes; larger messages are refused (Gmail's advertised SIZE)
+    "TRANSPORT_CLASS": "django_gmail_smtp.transport.ConnectionPool",
 }
 
 SECURITY_CHOICES = ("starttls", "ssl")
@@ -208,6 +225,15 @@ def _queues(value: Any) -> dict[str, str]:
     if not all(isinstance(v, str) and v.strip() for v in value.values()):
         raise _Invalid
     return {**DEFAULTS["QUEUES"], **value}  # a partial dict keeps the other default
+
+
+def _transport_class(value: Any) -> Any:
+    # Imported when a mailer's transport is built, so a typo is reported there by name.
+    if isinstance(value, type):
+        return value
+    if not isinstance(value, str) or "." not in value.strip(". "):
+        raise _Invalid
+    return value
 
 
 def _database_alias(value: Any) -> str:
@@ -380,6 +406,14 @@ SETTINGS: dict[str, Setting] = {
             _number(integer=True, minimum=1),
             "Messages larger than this many bytes are refused before they are queued or sent.",
         ),
+        Setting(
+            "TRANSPORT_CLASS",
+            "the dotted path of a transport class such as "
+            "'django_gmail_smtp.transport.ConnectionPool', or the class",
+            _transport_class,
+            "What connects to Gmail and sends (see transport.Transport): the SMTP connection "
+            "pool, or a subclass or another transport of your own.",
+        ),
     )
 }
 
@@ -399,13 +433,20 @@ def get_setting(name: str, options: Mapping[str, Any] | None = None, default: An
     """Option ``name`` (upper case): from ``options`` (lower-case keys), GMAIL_SMTP, DEFAULTS.
 
     A value of the wrong type or out of range raises :class:`GmailConfigurationError` naming
-    the key, the value's type and what to give instead.
+    the key, the value's type and what to give instead. The delivery path reads
+    :class:`MailerSettings` instead (:func:`resolve`, :func:`for_mailer`); this stays for the
+    settings that are not a mailer's (``SWEEP_GRACE``, ``QUEUES``, ...).
     """
+    return _lookup(name, options, None, default)
+
+
+def _lookup(name: str, options: Mapping[str, Any] | None, source: str | None, default: Any) -> Any:
     spec = SETTINGS.get(name)
     if options:
         value = options.get(name.lower())
         if value is not None:
-            return spec.check(value, f'the "{name.lower()}" option') if spec else value
+            label = f'{source}["{name.lower()}"]' if source else f'the "{name.lower()}" option'
+            return spec.check(value, label) if spec else value
     user = user_settings()
     if name in user and user[name] is not None:
         return spec.check(user[name], f'GMAIL_SMTP["{name}"]') if spec else user[name]
@@ -495,16 +536,266 @@ def legacy_email_setting(name: str, default: Any = None) -> Any:
     """
     if hasattr(settings, "MAILERS"):  # Django >= 6.1 style configuration
         return default
-    return getattr(settings, name, default)
+    if not settings.is_overridden(name):
+        return default  # Django's defaults are empty; reading one warns on Django 6.1
+    if DJANGO_61:
+        # Django >= 6.1 warns about EMAIL_* settings once at startup; reading one here would
+        # repeat that warning as if it came from this app.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return getattr(settings, name, default)
+    return getattr(settings, name, default)  # Django < 6.1
 
 
 def connection_settings(options: Mapping[str, Any] | None = None) -> tuple[str, int, str]:
     """Return ``(host, port, security)`` with PORT and SECURITY derived from each other."""
-    host = get_setting("HOST", options)
-    port = get_setting("PORT", options)
-    security = get_setting("SECURITY", options)
+    if isinstance(options, MailerSettings):
+        return options.host, options.port, options.security
+    port, security = _port_and_security(
+        get_setting("PORT", options), get_setting("SECURITY", options)
+    )
+    return get_setting("HOST", options), port, security
+
+
+def _port_and_security(port: int | None, security: str | None) -> tuple[int, str]:
+    """PORT and SECURITY derived from each other: 587/starttls, 465/ssl."""
     if port is None:
         port = 465 if security == "ssl" else 587
     if security is None:
         security = "ssl" if port == 465 else "starttls"
-    return host, port, security
+    return port, security
+
+
+# --- one mailer's settings, resolved once ------------------------------------------------------
+
+#: the GMAIL_SMTP keys a backend takes per mailer (lower case, as keyword arguments or a
+#: MAILERS entry's OPTIONS); the others (QUEUES, SWEEP_*, ...) are the site's, not a mailer's
+MAILER_OPTIONS = (
+    "host",
+    "port",
+    "security",
+    "timeout",
+    "ca_file",
+    "ehlo_hostname",
+    "strict_from",
+    "quota_database",
+    "max_recipients_per_message",
+    "reserved_share",
+    "max_message_size",
+    "priority",
+    "retry_base_delay",
+    "retry_max_delay",
+    "max_attempts",
+    "token_refresh_margin",
+    "pool_idle_check",
+    "transport_class",
+)
+#: backend arguments that belong to the mailer but are not GMAIL_SMTP keys
+LOGIN_OPTIONS = ("account", "username", "password", "use_tls", "use_ssl")
+
+#: our backends' dotted paths (a subclass of them counts as ours too, see is_our_backend)
+BACKENDS = (
+    "django_gmail_smtp.backends.GmailSMTPBackend",
+    "django_gmail_smtp.backends.CeleryGmailBackend",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MailerSettings:
+    """Every option of one mailer, resolved (defaults < GMAIL_SMTP < the mailer's own options)
+    and validated once; immutable and hashable, so a worker can key connection pools by it.
+
+    Build it with :func:`resolve` (a backend's keyword arguments) or :func:`for_mailer` (a
+    ``MAILERS`` alias). ``alias`` is where it came from and takes no part in comparisons: two
+    mailers with the same options are the same settings. ``repr()`` never shows the password.
+    """
+
+    host: str
+    port: int
+    security: str
+    timeout: float
+    ca_file: str | None
+    ehlo_hostname: str | None
+    strict_from: bool
+    quota_database: str
+    max_recipients_per_message: int
+    reserved_share: float
+    max_message_size: int
+    priority: Priority
+    retry_base_delay: float
+    retry_max_delay: float
+    max_attempts: int
+    token_refresh_margin: float
+    pool_idle_check: float
+    transport_class: str | type
+    #: send everything from this account's address (the ``account`` option)
+    account: str | None = None
+    #: log in as this address, with ``password`` as its App Password (Django's auth_user)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    alias: str = field(default="", compare=False)
+
+    @property
+    def source(self) -> str:
+        """Where these options are set, for messages: ``MAILERS["x"]["OPTIONS"]`` or GMAIL_SMTP."""
+        return f'MAILERS["{self.alias}"]["OPTIONS"]' if self.alias else "GMAIL_SMTP"
+
+    @property
+    def login(self) -> tuple[str, str | None] | None:
+        """``(username, password)`` when the mailer logs in as a given address, else None."""
+        return (self.username, self.password) if self.username else None
+
+    def transport(self) -> type:
+        """The transport class (``transport_class``), imported."""
+        value = self.transport_class
+        if isinstance(value, type):
+            return value
+        try:
+            return import_string(value)
+        except ImportError as exc:
+            raise GmailConfigurationError(
+                f"The transport_class {value!r} ({self.source}) cannot be imported ({exc}). "
+                "Give the dotted path of a transport class, such as "
+                "'django_gmail_smtp.transport.ConnectionPool'."
+            ) from None
+
+
+SettingsLike = MailerSettings | Mapping[str, Any] | None
+
+
+def resolve(
+    options: Mapping[str, Any] | None = None, *, alias: str = "", source: str | None = None
+) -> MailerSettings:
+    """One mailer's settings from its options (lower-case keys: a backend's keyword arguments
+    or a ``MAILERS`` entry's ``OPTIONS``), GMAIL_SMTP and the defaults.
+
+    Every invalid value is reported at once, in one :class:`GmailConfigurationError` naming
+    each (``source`` names where the options came from in those messages; by default the
+    ``MAILERS`` entry of ``alias``). Names that are not options are left to the caller.
+    """
+    options = dict(options or {})
+    if source is None and alias:
+        source = f'MAILERS["{alias}"]["OPTIONS"]'
+    if options.get("security") is None:  # Django's EMAIL_USE_SSL / EMAIL_USE_TLS spelling
+        if options.get("use_ssl"):
+            options["security"] = "ssl"
+        elif options.get("use_tls"):
+            options["security"] = "starttls"
+    values: dict[str, Any] = {}
+    errors: list[str] = []
+    for name in MAILER_OPTIONS:
+        try:
+            values[name] = _lookup(name.upper(), options, source, None)
+        except GmailConfigurationError as exc:
+            errors.append(str(exc))
+    for name in ("account", "username", "password"):
+        value = options.get(name)
+        if value is not None and not isinstance(value, str):
+            label = f'{source}["{name}"]' if source else f'the "{name}" option'
+            what = "an address" if name != "password" else "the App Password (a string)"
+            errors.append(f"{label} is a {type(value).__name__}; give {what}.")
+    if errors:
+        raise GmailConfigurationError(" ".join(errors))
+    port, security = _port_and_security(values.pop("port"), values.pop("security"))
+    return _build(values, port, security, options, alias)
+
+
+def _build(
+    values: dict[str, Any], port: int, security: str, options: Mapping[str, Any], alias: str
+) -> MailerSettings:
+    return MailerSettings(
+        host=values["host"],
+        port=port,
+        security=security,
+        timeout=float(values["timeout"]),
+        ca_file=values["ca_file"] or None,
+        ehlo_hostname=values["ehlo_hostname"] or None,
+        strict_from=bool(values["strict_from"]),
+        quota_database=str(values["quota_database"] or "default"),
+        max_recipients_per_message=int(values["max_recipients_per_message"]),
+        reserved_share=float(values["reserved_share"]),
+        max_message_size=int(values["max_message_size"]),
+        priority=Priority(values["priority"]),
+        retry_base_delay=float(values["retry_base_delay"]),
+        retry_max_delay=float(values["retry_max_delay"]),
+        max_attempts=int(values["max_attempts"]),
+        token_refresh_margin=float(values["token_refresh_margin"]),
+        pool_idle_check=float(values["pool_idle_check"]),
+        transport_class=values["transport_class"],
+        account=options.get("account") or None,
+        username=options.get("username") or None,
+        password=options.get("password") or None,
+        alias=alias,
+    )
+
+
+_mailers: dict[str, MailerSettings] = {}
+
+
+def for_mailer(alias: str | None) -> MailerSettings:
+    """The settings of the mailer ``alias``: its ``MAILERS`` entry's ``OPTIONS`` over
+    GMAIL_SMTP; ``None`` or ``""`` (``EMAIL_BACKEND``, or a backend built directly): GMAIL_SMTP
+    alone. Cached per alias until a setting changes.
+
+    An alias that is not in ``MAILERS`` any more, or whose entry no longer uses one of our
+    backends, raises :class:`GmailConfigurationError` saying so.
+    """
+    key = alias or ""
+    found = _mailers.get(key)
+    if found is None:
+        found = _mailers[key] = _from_mailers(key)
+    return found
+
+
+def _from_mailers(alias: str) -> MailerSettings:
+    if not alias:
+        return resolve()
+    mailers = getattr(settings, "MAILERS", None)
+    entry = mailers.get(alias) if isinstance(mailers, Mapping) else None
+    if not isinstance(entry, Mapping):
+        raise GmailConfigurationError(
+            f'There is no MAILERS["{alias}"] entry, so mail of that mailer cannot be sent with '
+            "its options. Add the entry back to MAILERS (or cancel its mail in the outbox)."
+        )
+    backend = entry.get("BACKEND")
+    if not is_our_backend(backend):
+        raise GmailConfigurationError(
+            f'MAILERS["{alias}"] no longer uses a django_gmail_smtp backend (its BACKEND is '
+            f"{backend!r}), so its mail in the outbox cannot be sent with its options. Point "
+            "the entry back at CeleryGmailBackend, or cancel that mail in the outbox."
+        )
+    return resolve(entry.get("OPTIONS") or {}, alias=alias)
+
+
+def is_our_backend(path: Any) -> bool:
+    """True for our backends' dotted paths, and for a subclass of them."""
+    if path in BACKENDS:
+        return True
+    if not isinstance(path, str) or not path:
+        return False
+    from .backends import GmailBackendBase
+
+    try:
+        backend = import_string(path)
+    except ImportError:
+        return False
+    return isinstance(backend, type) and issubclass(backend, GmailBackendBase)
+
+
+def as_settings(options: SettingsLike = None) -> MailerSettings:
+    """``options`` as a :class:`MailerSettings`: itself, resolved from a mapping of options,
+    or (None) the GMAIL_SMTP settings."""
+    if isinstance(options, MailerSettings):
+        return options
+    if options is None:
+        return for_mailer(None)
+    return resolve(options)
+
+
+def _forget_mailers(**kwargs: Any) -> None:
+    _mailers.clear()
+
+
+# Tests (override_settings) and a reloaded configuration change settings at run time.
+setting_changed.connect(_forget_mailers, dispatch_uid="django_gmail_smtp.conf.forget_mailers")

@@ -86,13 +86,19 @@ def _secret(account: GmailAccount, field: str, label: str) -> str:
 
 @sensitive_variables("password", "rejected_token")
 def credentials_for(
-    account: GmailAccount, *, force_refresh: bool = False, rejected_token: str | None = None
+    account: GmailAccount,
+    *,
+    force_refresh: bool = False,
+    rejected_token: str | None = None,
+    timeout: float | None = None,
+    margin: float | None = None,
 ) -> SMTPCredentials:
     """The login for ``account``, refreshing its OAuth access token first when needed.
 
     ``force_refresh`` refreshes even an unexpired token (after Gmail rejected it);
     ``rejected_token`` is the token Gmail refused, so a token another process has already
-    replaced is used instead of refreshing again.
+    replaced is used instead of refreshing again. ``timeout`` and ``margin`` are the sending
+    mailer's TIMEOUT and TOKEN_REFRESH_MARGIN (default: GMAIL_SMTP's).
     """
     method = account.auth_method
     if method == GmailAccount.AuthMethod.APP_PASSWORD:
@@ -104,7 +110,13 @@ def credentials_for(
             )
         return SMTPCredentials(account.email, "PASSWORD", password)
     if method in (GmailAccount.AuthMethod.OAUTH2, GmailAccount.AuthMethod.SERVICE_ACCOUNT):
-        return _oauth_credentials(account, force_refresh=force_refresh, rejected=rejected_token)
+        return _oauth_credentials(
+            account,
+            force_refresh=force_refresh,
+            rejected=rejected_token,
+            timeout=timeout,
+            margin=margin,
+        )
     raise GmailConfigurationError(
         f"The account {account.email} has an unknown auth_method {method!r}; "
         "use app_password, oauth2 or service_account."
@@ -120,33 +132,39 @@ def _from_google(expiry: datetime | None) -> datetime | None:
     return expiry if settings.USE_TZ else timezone.make_naive(expiry)
 
 
-def _token_valid(account: GmailAccount) -> bool:
+def _token_valid(account: GmailAccount, margin: float | None = None) -> bool:
     if not account.access_token or isinstance(account.access_token, UnreadableSecret):
         return False
     if account.token_expiry is None:
         return False
-    margin = timedelta(seconds=int(get_setting("TOKEN_REFRESH_MARGIN")))
-    return account.token_expiry > timezone.now() + margin
+    if margin is None:
+        margin = get_setting("TOKEN_REFRESH_MARGIN")
+    return account.token_expiry > timezone.now() + timedelta(seconds=int(margin))
 
 
 @sensitive_variables("token", "rejected")
 def _oauth_credentials(
-    account: GmailAccount, *, force_refresh: bool, rejected: str | None
+    account: GmailAccount,
+    *,
+    force_refresh: bool,
+    rejected: str | None,
+    timeout: float | None = None,
+    margin: float | None = None,
 ) -> SMTPCredentials:
-    if not force_refresh and _token_valid(account):
+    if not force_refresh and _token_valid(account, margin):
         token = account.access_token
         return SMTPCredentials(account.email, "XOAUTH2", token, account.token_expiry)
     try:
         if account.pk is None:
-            _refresh(account)
+            _refresh(account, timeout)
         else:
             with transaction.atomic():
                 locked = GmailAccount.objects.select_for_update().get(pk=account.pk)
                 replaced = locked.access_token and locked.access_token != (
                     rejected or account.access_token
                 )
-                if not (_token_valid(locked) and (not force_refresh or replaced)):
-                    _refresh(locked)
+                if not (_token_valid(locked, margin) and (not force_refresh or replaced)):
+                    _refresh(locked, timeout)
                 # else: another process refreshed it meanwhile
                 for field in ("access_token", "token_expiry", "refresh_token", "health"):
                     setattr(account, field, getattr(locked, field))
@@ -182,8 +200,9 @@ def _token_uri() -> str:
 
 
 @sensitive_variables("client_secret", "refresh_token", "info", "creds")
-def _refresh(account: GmailAccount) -> None:
-    """Get a new access token from Google and store it (and a rotated refresh token)."""
+def _refresh(account: GmailAccount, timeout: float | None = None) -> None:
+    """Get a new access token from Google and store it (and a rotated refresh token);
+    ``timeout``: seconds to wait for Google (default: GMAIL_SMTP's TIMEOUT)."""
     import google.auth.exceptions
     from google.auth.transport.requests import Request
 
@@ -229,7 +248,8 @@ def _refresh(account: GmailAccount) -> None:
             client_secret=client_secret,
             scopes=[GMAIL_SCOPE],
         )
-    timeout = float(get_setting("TIMEOUT"))
+    if timeout is None:
+        timeout = float(get_setting("TIMEOUT"))
     try:
         creds.refresh(_TimeoutRequest(Request(), timeout))
     except google.auth.exceptions.RefreshError as exc:
@@ -305,7 +325,9 @@ def _raise_refresh_error(account: GmailAccount, exc: Exception) -> None:
 
 def default_account() -> GmailAccount:
     """The default sender: the account flagged default, else the only active one, else settings."""
-    accounts = list(GmailAccount.objects.active().order_by("-is_default", "pk")[:2])
+    from .services import eligible_accounts
+
+    accounts = list(eligible_accounts()[:2])
     if accounts and (accounts[0].is_default or len(accounts) == 1):
         return accounts[0]
     fallback = settings_account()

@@ -19,6 +19,8 @@ from typing import Any
 import django
 from django.core.exceptions import ImproperlyConfigured
 
+from .enums import ErrorCategory, Health
+
 if django.VERSION >= (6, 1):
     # Django >= 6.1: BadHeaderError is a deprecated alias of ValueError (importing it warns).
     BadHeaderError = ValueError
@@ -28,6 +30,8 @@ else:  # Django < 6.1
 
 class GmailConfigurationError(ImproperlyConfigured):
     """The app's settings or accounts are set up wrongly; sending cannot work until fixed."""
+
+    category = ErrorCategory.CONFIG
 
 
 class NoSenderAccount(GmailConfigurationError):
@@ -54,8 +58,8 @@ class GmailSMTPError(smtplib.SMTPException):
 
     #: what a person should do about it; appended to the message
     hint: str = ""
-    #: how the outbox treats it: "temporary", "quota", "auth", "permanent"
-    category: str = "permanent"
+    #: how the delivery pipeline treats it
+    category: ErrorCategory = ErrorCategory.PERMANENT
 
     def __init__(
         self,
@@ -111,9 +115,9 @@ def _rebuild(cls: type[GmailSMTPError], state: dict[str, Any]) -> GmailSMTPError
 class AuthenticationError(GmailSMTPError, smtplib.SMTPAuthenticationError):
     """Gmail refused the credentials; nothing is sent from this account until they are fixed."""
 
-    category = "auth"
+    category = ErrorCategory.AUTH
     #: the GmailAccount.health this error puts the account in
-    health = "credentials_rejected"
+    health: Health = Health.CREDENTIALS_REJECTED
     hint = "Check the account's credentials in the admin, then run `manage.py gmail_smtp check`."
 
 
@@ -149,7 +153,7 @@ class WebLoginRequired(AuthenticationError):
 class ConsentRequired(AuthenticationError):
     """The OAuth refresh token is dead (``invalid_grant``): revoked, expired or unused too long."""
 
-    health = "needs_consent"
+    health = Health.NEEDS_CONSENT
 
     hint = (
         "The account's OAuth refresh token was revoked or expired (password change, 6 months "
@@ -170,7 +174,7 @@ class OAuthClientError(AuthenticationError):
 class TokenRefreshError(GmailSMTPError):
     """The token endpoint could not be reached or answered an unexpected error."""
 
-    category = "temporary"
+    category = ErrorCategory.TEMPORARY
     hint = "Google's token endpoint could not be used just now; the send can be retried later."
 
 
@@ -180,7 +184,7 @@ class TokenRefreshError(GmailSMTPError):
 class QuotaExceeded(GmailSMTPError):
     """The account may not send now: our quota ledger or Gmail's 550 5.4.5 said so."""
 
-    category = "quota"
+    category = ErrorCategory.QUOTA
     hint = (
         "Gmail limits each account over a rolling 24 hours; wait until the next slot frees, "
         "add another sender account, or raise the limit if Google allows more."
@@ -205,7 +209,7 @@ class QuotaExceeded(GmailSMTPError):
 class TemporaryError(GmailSMTPError):
     """Try again later: 421, 450-454, a dropped connection or a timeout."""
 
-    category = "temporary"
+    category = ErrorCategory.TEMPORARY
     hint = "This is usually temporary; the message can be sent again later."
 
 
@@ -231,9 +235,13 @@ class TooManyLoginAttempts(TemporaryError):
 
 
 class InsecureConnectionError(GmailSMTPError, smtplib.SMTPNotSupportedError):
-    """TLS could not be established or verified; no credential was sent."""
+    """TLS could not be established or verified; no credential was sent.
 
-    category = "temporary"
+    A configuration problem (wrong HOST, missing CA_FILE, a server that wants STARTTLS): the
+    outbox defers such mail for its configuration and retries it on the backoff, without
+    counting attempts, instead of retrying it as a passing fault."""
+
+    category = ErrorCategory.CONFIG
     # Each message says once that no credentials were sent; the hint does not repeat it.
     hint = (
         "Make sure HOST is the server's real name (smtp.gmail.com), and if you use a local or "
@@ -247,7 +255,7 @@ class InsecureConnectionError(GmailSMTPError, smtplib.SMTPNotSupportedError):
 class PermanentError(GmailSMTPError):
     """Gmail refused this message; sending it again will not help."""
 
-    category = "permanent"
+    category = ErrorCategory.PERMANENT
     hint = "Fix the message (or its addresses) before sending it again."
 
 

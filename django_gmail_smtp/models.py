@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from . import enums
 from .crypto import EncryptedTextField, UnreadableSecret
 
 APP_PASSWORD_LENGTH = 16
@@ -57,6 +58,14 @@ class GmailAccountQuerySet(models.QuerySet):
     def active(self) -> GmailAccountQuerySet:
         return self.filter(is_active=True)
 
+    def eligible(self, *, include_paused: bool = False) -> GmailAccountQuerySet:
+        """The accounts that may send, in the order routing prefers them: active ones (paused
+        ones after them, with ``include_paused``), the default first, then oldest first.
+        Health is not a filter: mail for an account whose credentials are refused waits for it
+        rather than going out from another account."""
+        accounts = self if include_paused else self.filter(is_active=True)
+        return accounts.order_by("-is_active", "-is_default", "pk")
+
 
 class GmailAccount(models.Model):
     """A Gmail / Google Workspace mailbox the site may send from."""
@@ -66,11 +75,7 @@ class GmailAccount(models.Model):
         OAUTH2 = "oauth2", _("OAuth2 (XOAUTH2)")
         SERVICE_ACCOUNT = "service_account", _("Workspace service account")
 
-    class Health(models.TextChoices):
-        UNKNOWN = "unknown", _("not checked yet")
-        OK = "ok", _("ok")
-        NEEDS_CONSENT = "needs_consent", _("needs consent again")
-        CREDENTIALS_REJECTED = "credentials_rejected", _("credentials rejected")
+    Health = enums.Health
 
     email = models.EmailField(_("address"), unique=True)
     auth_method = models.CharField(
@@ -367,26 +372,9 @@ class OutboundEmail(models.Model):
     with the envelope, the account chosen at queue time, and everything that happened since.
     """
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", _("queued")
-        SENDING = "sending", _("sending")
-        SENT = "sent", _("sent")
-        DEFERRED = "deferred", _("deferred")
-        FAILED = "failed", _("failed")
-        CANCELLED = "cancelled", _("cancelled")
-
-    class Priority(models.TextChoices):
-        TRANSACTIONAL = "transactional", _("transactional")
-        BULK = "bulk", _("bulk")
-
-    class Reason(models.TextChoices):
-        NONE = "", _("none")
-        RETRY = "retry", _("temporary failure, retrying")
-        QUOTA = "quota", _("waiting for quota")
-        AUTH = "auth", _("waiting for the account to be fixed")
-        CONFIG = "config", _("waiting for the configuration to be fixed")
-        PERMANENT = "permanent", _("refused by Gmail")
-        ATTEMPTS = "attempts", _("too many temporary failures")
+    Status = enums.Status
+    Priority = enums.Priority
+    Reason = enums.Reason
 
     status = models.CharField(
         _("status"), max_length=10, choices=Status.choices, default=Status.QUEUED
@@ -410,6 +398,16 @@ class OutboundEmail(models.Model):
     mime = models.BinaryField(_("message"), default=bytes)
     size = models.PositiveIntegerField(_("size (bytes)"), default=0)
     from_rewritten = models.BooleanField(_("From rewritten"), default=False)
+    mailer = models.CharField(
+        _("mailer"),
+        max_length=100,
+        blank=True,
+        default="",
+        help_text=_(
+            "The MAILERS alias of the backend that queued it (empty: EMAIL_BACKEND or a backend "
+            "built directly); the worker sends it with that mailer's options."
+        ),
+    )
 
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     next_attempt_at = models.DateTimeField(_("next attempt"), null=True, blank=True)
@@ -463,11 +461,7 @@ class OutboundEmail(models.Model):
 class OutboundAttempt(models.Model):
     """One try at sending an outbound email, and what Gmail answered."""
 
-    class Outcome(models.TextChoices):
-        SENT = "sent", _("sent")
-        RETRY = "retry", _("will retry")
-        DEFERRED = "deferred", _("deferred")
-        FAILED = "failed", _("failed")
+    Outcome = enums.AttemptOutcome
 
     outbound = models.ForeignKey(OutboundEmail, on_delete=models.CASCADE, related_name="log")
     at = models.DateTimeField(_("at"), default=timezone.now)

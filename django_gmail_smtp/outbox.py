@@ -1,12 +1,15 @@
-"""The transactional outbox: queue messages, deliver one, sweep what is due.
+"""The transactional outbox: the rows, how they are stored, claimed, recorded and swept.
 
-The Celery backend and tasks are thin wrappers around these functions:
+The delivery pipeline (:mod:`~django_gmail_smtp.pipeline`) decides what happens to a message;
+this module keeps the rows:
 
-- :func:`queue_messages` routes each message, stores its exact bytes as an
-  :class:`~django_gmail_smtp.models.OutboundEmail` inside the caller's transaction, and hands
-  only the row id to Celery once that transaction commits.
-- :func:`deliver` claims a row atomically, reserves quota, sends it over a pooled connection,
-  and records the outcome by the class of Gmail's answer (sent, retry, deferred, failed).
+- :func:`store` writes a routed message's exact bytes as an
+  :class:`~django_gmail_smtp.models.OutboundEmail` (with the alias of the mailer that queued
+  it) inside the caller's transaction, and hands only the row id to Celery once that
+  transaction commits. :func:`queue_messages` routes and stores (the entry point for code that
+  queues mail itself, such as a campaign).
+- :func:`claim` takes a due row atomically; :class:`OutboxRecord` writes its outcome (sent,
+  retry, deferred, failed); :func:`deliver` (the task's body) runs the pipeline on one row.
 - :func:`sweep` re-enqueues what is due: deferred rows whose time has come, queued rows whose
   task never reached the broker, and rows left ``sending`` past their lease.
 
@@ -27,14 +30,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
@@ -43,18 +45,19 @@ from django.db import router as db_router
 from django.db.models import Q
 from django.utils import timezone
 
-from . import quota, signals
-from .conf import DEFAULTS, get_setting
-from .credentials import settings_account
-from .exceptions import GmailSMTPError, MessageTooLarge, QuotaExceeded
+from . import signals
+from .conf import SettingsLike, as_settings, get_setting
+from .enums import AttemptOutcome, Outcome, Priority, Reason, Status
 from .models import GmailAccount, OutboundAttempt, OutboundEmail, normalize_address
 from .routing import Envelope, Router
-from .transport import ConnectionPool, SendResult
+from .transport import SendResult
+
+if TYPE_CHECKING:
+    from .pipeline import TransportFactory
+    from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
-Status = OutboundEmail.Status
-Reason = OutboundEmail.Reason
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 #: seconds a lost database connection is retried while recording an outcome (after Gmail's
 #: 250, the only window in which a worker that gives up causes a second copy)
@@ -69,60 +72,73 @@ FINAL_STATES = (Status.SENT, Status.FAILED, Status.CANCELLED)
 def queue_messages(
     messages: Sequence[EmailMessage],
     *,
-    router: Router,
-    priority: str,
+    router: Router | None = None,
+    priority: str | None = None,
     using: str | None = None,
-    options: Mapping[str, Any] | None = None,
+    options: SettingsLike = None,
+    mailer: str | None = None,
 ) -> list[OutboundEmail]:
-    """Store each message in the outbox and enqueue its id when the transaction commits.
+    """Route each message and store it in the outbox; its id is enqueued when the transaction
+    commits. Bad input (header injection, too many recipients, a message larger than
+    ``MAX_MESSAGE_SIZE``, ...) raises before anything is stored, as the sync backend refuses it
+    before connecting.
 
-    A message larger than ``MAX_MESSAGE_SIZE`` raises :class:`MessageTooLarge` and is not
-    stored, as the sync backend refuses it before connecting.
+    ``mailer``: the ``MAILERS`` alias whose options the worker sends with (its settings are
+    used here too); else ``options`` (a :class:`~django_gmail_smtp.conf.MailerSettings`), else
+    GMAIL_SMTP. ``priority``: the default for messages without ``gmail_priority``.
     """
-    rows = []
-    for message in messages:
-        envelope = router.route(message)
-        assert envelope is not None
-        refuse_oversized(envelope, options)
-        row = OutboundEmail.objects.using(using).create(
-            status=Status.QUEUED,
-            priority=quota.message_priority(message, priority),
-            account=envelope.account if envelope.account.pk else None,
-            account_email=envelope.account.email,
-            from_email=envelope.mail_from,
-            recipients=envelope.recipients,
-            subject=str(message.subject or "")[:998],
-            message_id=envelope.message_id[:998],
-            mime=envelope.data,
-            size=len(envelope.data),
-            from_rewritten=envelope.from_rewritten,
-        )
-        message.gmail_outbound_id = row.pk
-        rows.append(row)
-        signals.email_queued.send(OutboundEmail, outbound=row, message=message)
-        transaction.on_commit(partial(dispatch, row.pk, row.priority), using=using)
-    return rows
+    from .conf import for_mailer
+    from .pipeline import Pipeline
+
+    settings = for_mailer(mailer) if mailer is not None else as_settings(options)
+    pipeline = Pipeline(settings)
+    router = router or pipeline.router(include_paused=True)
+    default = priority or settings.priority
+    return [pipeline.queue(router, message, default, using=using) for message in messages]
+
+
+def store(
+    envelope: Envelope,
+    message: EmailMessage,
+    *,
+    priority: str,
+    mailer: str = "",
+    using: str | None = None,
+) -> OutboundEmail:
+    """Write one routed message to the outbox and enqueue its id when the transaction commits."""
+    row = OutboundEmail.objects.using(using).create(
+        status=Status.QUEUED,
+        priority=priority,
+        mailer=mailer,
+        account=envelope.account if envelope.account.pk else None,
+        account_email=envelope.account.email,
+        from_email=envelope.mail_from,
+        recipients=envelope.recipients,
+        subject=str(message.subject or "")[:998],
+        message_id=envelope.message_id[:998],
+        mime=envelope.data,
+        size=len(envelope.data),
+        from_rewritten=envelope.from_rewritten,
+    )
+    message.gmail_outbound_id = row.pk
+    signals.email_queued.send(OutboundEmail, outbound=row, message=message)
+    transaction.on_commit(partial(dispatch, row.pk, row.priority), using=using)
+    return row
 
 
 def refuse_oversized(
-    envelope: Envelope, options: Mapping[str, Any] | None = None, *, action: str = "queued"
+    envelope: Envelope, options: SettingsLike = None, *, action: str = "queued"
 ) -> None:
-    """Raise :class:`MessageTooLarge` for a message over ``MAX_MESSAGE_SIZE`` (by default
-    Gmail's advertised SIZE, 35,882,577 bytes): Gmail would refuse it anyway."""
-    limit = int(get_setting("MAX_MESSAGE_SIZE", options))
-    size = len(envelope.data)
-    if size > limit:
-        raise MessageTooLarge(
-            f"The message is {size:,} bytes; Gmail accepts at most {limit:,} "
-            f'(GMAIL_SMTP["MAX_MESSAGE_SIZE"]), so it was not {action}',
-            account=envelope.account.email,
-            phase="size",
-        )
+    """Raise :class:`~django_gmail_smtp.exceptions.MessageTooLarge` for a message over
+    ``MAX_MESSAGE_SIZE`` (see :func:`django_gmail_smtp.pipeline.refuse_oversized`)."""
+    from .pipeline import refuse_oversized
+
+    refuse_oversized(envelope, as_settings(options), action=action)
 
 
 def queue_name(priority: str) -> str:
     queues = get_setting("QUEUES")
-    return str(queues.get(priority) or queues[OutboundEmail.Priority.TRANSACTIONAL])
+    return str(queues.get(priority) or queues[Priority.TRANSACTIONAL])
 
 
 def dispatch(outbound_id: int, priority: str, countdown: float | None = None) -> bool:
@@ -166,34 +182,40 @@ def dispatch(outbound_id: int, priority: str, countdown: float | None = None) ->
 # --- delivery ----------------------------------------------------------------------------------
 
 
-def _backoff(attempts: int) -> float:
-    base = float(get_setting("RETRY_BASE_DELAY"))
-    cap = float(get_setting("RETRY_MAX_DELAY"))
-    delay = min(cap, base * 2 ** max(0, attempts - 1))
-    return random.uniform(delay / 2, delay)  # "equal jitter": spread retries, keep a floor
+def deliver(
+    outbound_id: int,
+    *,
+    pool: Transport | None = None,
+    transports: TransportFactory | None = None,
+    worker: str = WORKER_ID,
+) -> Outcome:
+    """Send one outbox row with the settings of the mailer that queued it; return what
+    happened: sent, retry, deferred, failed or skipped (see
+    :func:`django_gmail_smtp.pipeline.deliver_outbound`).
+
+    ``pool``: the transport to send with, whatever the row's mailer; ``transports``: finds
+    the transport for a mailer's settings (the worker's pools); neither: a new one."""
+    from .pipeline import deliver_outbound
+
+    return deliver_outbound(outbound_id, worker=worker, transport=pool, transports=transports)
 
 
-def _account_for(row: OutboundEmail) -> GmailAccount | None:
-    if row.account is not None:
-        return row.account
-    # The account was deleted (the link is gone) and perhaps added again: find it by address.
-    account = GmailAccount.objects.filter(email=normalize_address(row.account_email)).first()
-    if account is not None:
-        OutboundEmail.objects.filter(pk=row.pk).update(account=account)
-        return account
-    fallback = settings_account()
-    if fallback is not None and fallback.email == normalize_address(row.account_email):
-        return fallback
-    return None
-
-
-class _Delivery:
-    """One claimed row on its way through quota, transport and the record."""
+class OutboxRecord:
+    """What happened to one claimed row, written to it: each outcome (the row's new state,
+    its attempt-log entry and any follow-up row) in one transaction. The pipeline decides the
+    outcome; this only stores it, and sends the outbox's own signals."""
 
     def __init__(self, row: OutboundEmail, worker: str) -> None:
         self.row = row
         self.worker = worker
         self.db = db_router.db_for_write(OutboundEmail)
+
+    def __repr__(self) -> str:
+        return f"<OutboxRecord {self.row.pk} {self.worker}>"
+
+    def deferrals(self) -> int:
+        """How many times this row was deferred (the configuration backoff grows with it)."""
+        return self.row.log.filter(outcome=AttemptOutcome.DEFERRED).count()
 
     # --- the record: one transaction per outcome ---------------------------------------------
 
@@ -271,7 +293,15 @@ class _Delivery:
 
     # --- outcomes ------------------------------------------------------------------------------
 
-    def sent(self, account: GmailAccount, result: SendResult) -> str:
+    def sent(
+        self,
+        account: GmailAccount,
+        result: SendResult,
+        *,
+        follow_up: dict[str, Any] | None = None,
+    ) -> OutboundEmail | None:
+        """Gmail accepted the message: the row is sent (with ``follow_up``, the fields of the
+        row that retries recipients Gmail refused temporarily); return that row, if any."""
         fields = {
             "status": Status.SENT,
             "sent_at": timezone.now(),
@@ -281,9 +311,8 @@ class _Delivery:
             "last_error": "",
             "next_attempt_at": None,
         }
-        follow_up = self._follow_up(account, result.refused)
-        created = self._record(
-            OutboundAttempt.Outcome.SENT,
+        return self._record(
+            AttemptOutcome.SENT,
             fields,
             code=250,
             reply=result.reply,
@@ -291,62 +320,38 @@ class _Delivery:
             sent_by=account,
             follow_up=follow_up,
         )
-        if created is not None and created.next_attempt_at is not None:
-            countdown = (created.next_attempt_at - timezone.now()).total_seconds()
-            dispatch(created.pk, created.priority, countdown=max(0.0, countdown))
-        signals.email_sent.send(
-            OutboundEmail,
-            message=None,
-            account=account,
-            result=result,
-            outbound=self.row,
-            follow_up=created,
-        )
-        return "sent"
 
-    def _follow_up(
-        self, account: GmailAccount, refused: dict[str, tuple[int, str]]
-    ) -> dict[str, Any] | None:
-        """The row that retries the recipients Gmail refused temporarily (450 4.2.1: that
-        recipient receives too fast) while it accepted the others; None if there are none.
-
-        It is the same message to those recipients alone, queued with the normal backoff, so
-        quota, retries and MAX_ATTEMPTS apply to it as to any row. Recipients refused for good
-        (5xx) stay recorded as refused on the sent row.
-        """
-        later = {r: v for r, v in refused.items() if 400 <= v[0] < 500}
-        if not later:
-            return None
+    def follow_up(
+        self,
+        account: GmailAccount,
+        refused: dict[str, tuple[int, str]],
+        *,
+        attempts: int,
+        at: datetime,
+    ) -> dict[str, Any]:
+        """The fields of a row that sends the same message to ``refused`` alone at ``at``, so
+        quota, retries and MAX_ATTEMPTS apply to it as to any row."""
         row = self.row
-        listed = ", ".join(f"{r} ({code} {text})".strip() for r, (code, text) in later.items())
-        attempts = row.attempts + 1
-        if attempts >= int(get_setting("MAX_ATTEMPTS")):
-            logger.warning(
-                "Outbound email %s: Gmail refused %s temporarily; not retried, the message has "
-                "had %d attempts (MAX_ATTEMPTS)",
-                row.pk,
-                listed,
-                attempts,
-            )
-            return None
+        listed = ", ".join(f"{r} ({code} {text})".strip() for r, (code, text) in refused.items())
         return {
             "status": Status.QUEUED,
             "reason": Reason.RETRY,
             "priority": row.priority,
+            "mailer": row.mailer,
             "account": account if account.pk and not account.from_settings else None,
             "account_email": row.account_email,
             "from_email": row.from_email,
-            "recipients": list(later),
+            "recipients": list(refused),
             "subject": row.subject,
             "message_id": row.message_id,
             "mime": bytes(row.mime),
             "size": row.size,
             "from_rewritten": row.from_rewritten,
             "attempts": attempts,
-            "next_attempt_at": timezone.now() + timedelta(seconds=_backoff(attempts)),
+            "next_attempt_at": at,
             "last_error": f"Gmail refused these recipients of #{row.pk} temporarily while "
             f"accepting the others; this retries them alone: {listed}"[:2000],
-            "last_code": next(iter(later.values()))[0],
+            "last_code": next(iter(refused.values()))[0],
             "retry_of": row,
         }
 
@@ -361,22 +366,13 @@ class _Delivery:
             phase=getattr(error, "phase", None) or "",
         )
 
-    def config_retry_at(self) -> datetime:
-        """When to try again after a configuration error: on the retry backoff, growing with
-        each deferral, since a fix (a setting, a deleted account added again) may change
-        nothing the app is told about. Not counted as a delivery attempt."""
-        deferrals = self.row.log.filter(outcome=OutboundAttempt.Outcome.DEFERRED).count()
-        try:
-            delay = _backoff(deferrals + 1)
-        except ImproperlyConfigured:  # the bad setting may be RETRY_*_DELAY itself
-            delay = float(DEFAULTS["RETRY_BASE_DELAY"]) * 2 ** min(deferrals, 7)
-        return timezone.now() + timedelta(seconds=delay)
-
     def defer(
         self, reason: str, text: str, until: datetime | None, error: Exception | None = None
-    ) -> str:
+    ) -> Outcome:
+        """Wait, without counting an attempt: until ``until`` (None: until the account is
+        fixed, which makes it due)."""
         self._outcome(
-            OutboundAttempt.Outcome.DEFERRED,
+            AttemptOutcome.DEFERRED,
             error,
             text,
             status=Status.DEFERRED,
@@ -386,34 +382,26 @@ class _Delivery:
         signals.email_deferred.send(
             OutboundEmail, outbound=self.row, reason=reason, until=until, error=error
         )
-        return "deferred"
+        return Outcome.DEFERRED
 
-    def retry_or_fail(self, text: str, error: Exception) -> str:
-        attempts = self.row.attempts + 1
-        if attempts >= int(get_setting("MAX_ATTEMPTS")):
-            return self.fail(
-                Reason.ATTEMPTS,
-                f"Gave up after {attempts} attempts; the last one: {text}",
-                error,
-                attempts=attempts,
-            )
-        delay = _backoff(attempts)
+    def retry(self, text: str, error: Exception, *, attempts: int, at: datetime) -> Outcome:
+        """A temporary failure: queued again for ``at``, as attempt number ``attempts``."""
         self._outcome(
-            OutboundAttempt.Outcome.RETRY,
+            AttemptOutcome.RETRY,
             error,
             text,
             status=Status.QUEUED,
             reason=Reason.RETRY,
             attempts=attempts,
-            next_attempt_at=timezone.now() + timedelta(seconds=delay),
+            next_attempt_at=at,
         )
-        dispatch(self.row.pk, self.row.priority, countdown=delay)
-        return "retry"
+        return Outcome.RETRY
 
-    def fail(self, reason: str, text: str, error: Exception | None, **extra: Any) -> str:
+    def fail(self, reason: str, text: str, error: Exception | None, **extra: Any) -> Outcome:
+        """The message will not be sent (it can be retried by hand)."""
         refused = getattr(error, "recipients", None) or {}
         self._outcome(
-            OutboundAttempt.Outcome.FAILED,
+            AttemptOutcome.FAILED,
             error,
             text,
             status=Status.FAILED,
@@ -423,7 +411,7 @@ class _Delivery:
             **extra,
         )
         signals.email_failed.send(OutboundEmail, outbound=self.row, error=error)
-        return "failed"
+        return Outcome.FAILED
 
 
 def _write_with_retries(
@@ -492,93 +480,6 @@ def claim(outbound_id: int, worker: str) -> OutboundEmail | None:
     for next_attempt_at, priority in due:
         dispatch(outbound_id, priority, countdown=(next_attempt_at - now).total_seconds())
     return None
-
-
-def deliver(outbound_id: int, *, pool: ConnectionPool, worker: str = WORKER_ID) -> str:
-    """Send one outbox row; return what happened: sent, retry, deferred, failed or skipped."""
-    row = claim(outbound_id, worker)
-    if row is None:
-        return "skipped"
-    delivery = _Delivery(row, worker)
-    account = _account_for(row)
-    if account is None:
-        return delivery.defer(
-            Reason.CONFIG,
-            f"No active account {row.account_email} to send from: it was deleted, or the "
-            "EMAIL_HOST_USER it came from changed. Add the account again, or cancel the message.",
-            delivery.config_retry_at(),
-        )
-    if not account.is_active:
-        return delivery.defer(
-            Reason.AUTH, f"The account {account.email} is paused; resume it to send.", None
-        )
-    if not account.is_healthy:
-        # No login attempt: repeated failed logins make Gmail lock the account (454).
-        return delivery.defer(
-            Reason.AUTH,
-            f"Waiting for {account.email} to be fixed: {account.health_detail or account.health}",
-            None,
-        )
-    try:
-        reservation = quota.reserve(account, len(row.recipients), priority=row.priority)
-    except QuotaExceeded as exc:
-        if exc.next_slot_at is None:  # the message alone is over a daily limit
-            return delivery.fail(Reason.PERMANENT, str(exc), exc)
-        return delivery.defer(Reason.QUOTA, str(exc), exc.next_slot_at, exc)
-    except BaseException as exc:  # a bad setting, a database error: recorded, not lost
-        return _failed_send(delivery, account, exc)
-
-    envelope = Envelope(
-        account=account,
-        mail_from=row.from_email,
-        recipients=list(row.recipients),
-        data=bytes(row.mime),
-        message_id=row.message_id,
-    )
-    try:
-        result = pool.send(envelope)
-    except BaseException as exc:
-        # When in doubt, count it: no reply to the final "." means Gmail may have kept it.
-        if not getattr(exc, "maybe_delivered", False):
-            reservation.release()
-        return _failed_send(delivery, account, exc)
-    return delivery.sent(account, result)
-
-
-def _failed_send(delivery: _Delivery, account: GmailAccount, exc: BaseException) -> str:
-    if isinstance(exc, QuotaExceeded):
-        until = quota.mark_exhausted(account, exc.reply)
-        return delivery.defer(Reason.QUOTA, str(exc), until, exc)
-    if isinstance(exc, GmailSMTPError):
-        if exc.category == "auth":
-            return delivery.defer(Reason.AUTH, str(exc), None, exc)
-        if exc.category == "temporary":
-            text = str(exc)
-            if getattr(exc, "maybe_delivered", False):
-                text += (
-                    " This happened after the whole message was sent, so Gmail may have kept "
-                    "it: it stays counted against the quota, and is sent again."
-                )
-            return _retry_or_defer(delivery, text, exc)
-        return delivery.fail(Reason.PERMANENT, str(exc), exc)
-    if isinstance(exc, ImproperlyConfigured):
-        return delivery.defer(Reason.CONFIG, str(exc), delivery.config_retry_at(), exc)
-    if isinstance(exc, Exception):
-        logger.exception("Unexpected error sending outbound email %s", delivery.row.pk)
-        return _retry_or_defer(delivery, f"Unexpected error: {type(exc).__name__}: {exc}", exc)
-    # KeyboardInterrupt / SystemExit: leave the row to the sweeper's lease.
-    raise exc
-
-
-def _retry_or_defer(delivery: _Delivery, text: str, exc: Exception) -> str:
-    """Retry on the backoff; a bad MAX_ATTEMPTS / RETRY_* setting defers the row for its
-    configuration instead of leaving it ``sending`` until the lease runs out."""
-    try:
-        return delivery.retry_or_fail(text, exc)
-    except ImproperlyConfigured as config_error:
-        return delivery.defer(
-            Reason.CONFIG, str(config_error), delivery.config_retry_at(), config_error
-        )
 
 
 # --- sweeping and maintenance --------------------------------------------------------------------

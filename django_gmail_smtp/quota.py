@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -34,7 +34,8 @@ from django.db.models import F, Sum
 from django.db.models.functions import TruncDate
 
 from .clock import DatabaseNow, db_now
-from .conf import format_time, get_setting
+from .conf import SettingsLike, as_settings, format_time
+from .enums import Priority
 from .exceptions import QuotaExceeded, TooManyRecipients
 from .models import GmailAccount, Limits, QuotaBucket, QuotaDay, SenderQuota, normalize_address
 
@@ -45,14 +46,14 @@ BUCKET = timedelta(minutes=1)
 #: buckets older than this are deleted (a little more than the window, for late releases)
 KEEP = WINDOW + timedelta(hours=1)
 
-TRANSACTIONAL = "transactional"
-BULK = "bulk"
-PRIORITIES = (TRANSACTIONAL, BULK)
+TRANSACTIONAL = Priority.TRANSACTIONAL
+BULK = Priority.BULK
+PRIORITIES = tuple(Priority)
 
 _clock: Callable[[], datetime] | None = None
 
 
-def now(options: Mapping[str, Any] | None = None) -> datetime:
+def now(options: SettingsLike = None) -> datetime:
     """The quota clock: the ledger database's time, unless a test set one (:func:`set_clock`)."""
     if _clock is not None:
         return _clock()
@@ -133,7 +134,7 @@ class QuotaStatus:
         return self.exhausted_until is not None
 
 
-def ledger_db(options: Mapping[str, Any] | None = None) -> str:
+def ledger_db(options: SettingsLike = None) -> str:
     """The database alias the ledger is kept in (``QUOTA_DATABASE``, default "default").
 
     A reservation is written in its own transaction on this alias. Point it at a second alias
@@ -141,19 +142,13 @@ def ledger_db(options: Mapping[str, Any] | None = None) -> str:
     reservation survives the request's rollback and its lock is not held until the request
     ends (a system check warns about this).
     """
-    return str(get_setting("QUOTA_DATABASE", options) or DEFAULT_DB_ALIAS)
+    return as_settings(options).quota_database or DEFAULT_DB_ALIAS
 
 
-def reserved_share(options: Mapping[str, Any] | None = None) -> float:
-    share = float(get_setting("RESERVED_SHARE", options))
-    if not 0 <= share < 1:
-        from .exceptions import GmailConfigurationError
-
-        raise GmailConfigurationError(
-            f'GMAIL_SMTP["RESERVED_SHARE"] is {share}; give a fraction from 0 to 0.99 '
-            "(0.1 keeps 10% of each account's quota for transactional mail)."
-        )
-    return share
+def reserved_share(options: SettingsLike = None) -> float:
+    """The share of each account's quota kept for transactional mail (validated with the
+    settings: a fraction from 0 up to, not including, 1)."""
+    return as_settings(options).reserved_share
 
 
 def _caps(limits: Limits, priority: str, share: float) -> tuple[int, int | None]:
@@ -233,7 +228,7 @@ def _next_slot(
     return at
 
 
-def message_priority(message: Any, default: str) -> str:
+def message_priority(message: Any, default: str) -> Priority:
     """A message's priority: its ``gmail_priority`` attribute, else ``default``."""
     priority = getattr(message, "gmail_priority", None) or default
     if priority not in PRIORITIES:
@@ -242,7 +237,7 @@ def message_priority(message: Any, default: str) -> str:
         raise InvalidMessage(
             f"gmail_priority is {priority!r}; use 'transactional' or 'bulk'", phase="quota"
         )
-    return priority
+    return Priority(priority)
 
 
 def _address(account: GmailAccount) -> str:
@@ -254,7 +249,7 @@ def reserve(
     recipients: int,
     *,
     priority: str = TRANSACTIONAL,
-    options: Mapping[str, Any] | None = None,
+    options: SettingsLike = None,
 ) -> Reservation:
     """Atomically check and reserve one message of ``recipients`` recipients for ``account``.
 
@@ -263,6 +258,7 @@ def reserve(
     """
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {PRIORITIES}, not {priority!r}")
+    settings = as_settings(options)
     limits = account.limits()
     address = _address(account)
     if recipients > limits.per_message:
@@ -272,8 +268,8 @@ def reserve(
             account=address,
             phase="quota",
         )
-    caps = _caps(limits, priority, reserved_share(options))
-    db = ledger_db(options)
+    caps = _caps(limits, priority, settings.reserved_share)
+    db = settings.quota_database
     with transaction.atomic(using=db):
         quota_id, exhausted_until, reason, database_time = _lock(address, db)
         at = _at(database_time)
@@ -372,7 +368,7 @@ def _over_text(
 
 
 def mark_exhausted(
-    account: GmailAccount, reply: str = "", options: Mapping[str, Any] | None = None
+    account: GmailAccount, reply: str = "", options: SettingsLike = None
 ) -> datetime:
     """Gmail answered 550 5.4.5: block the account until its window frees; return until when.
 
@@ -410,7 +406,7 @@ def mark_exhausted(
     return until
 
 
-def quota_status(account: GmailAccount, options: Mapping[str, Any] | None = None) -> QuotaStatus:
+def quota_status(account: GmailAccount, options: SettingsLike = None) -> QuotaStatus:
     """Used and remaining quota of ``account`` now."""
     address = _address(account)
     limits = account.limits()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import email.policy
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.headerregistry import Address, AddressHeader
@@ -19,8 +19,9 @@ from email.utils import parseaddr
 from typing import Any
 
 from django.core.mail import EmailMessage
+from django.views.decorators.debug import sensitive_variables
 
-from .conf import get_setting
+from .conf import SettingsLike, as_settings
 from .credentials import default_account, settings_account
 from .exceptions import (
     HeaderInjection,
@@ -29,7 +30,7 @@ from .exceptions import (
     SenderNotAllowed,
     TooManyRecipients,
 )
-from .models import GmailAccount, normalize_address
+from .models import GmailAccount, normalize_address, normalize_app_password
 
 
 @dataclass(repr=False)
@@ -69,29 +70,37 @@ def _has_header(message: EmailMessage, name: str) -> bool:
 class Router:
     """Choose accounts by From address. Build one per batch; it caches the account list.
 
-    ``include_paused``: paused (inactive) accounts may be chosen too, after active ones; the
-    outbox uses this so mail for a paused account waits for it instead of being refused.
+    ``options``: the mailer's :class:`~django_gmail_smtp.conf.MailerSettings` (or a mapping of
+    backend options; None: GMAIL_SMTP). Its ``account`` option (or ``account`` here) sends
+    everything from that address; its ``username``/``password`` log in as that address (see
+    :func:`explicit_account`). ``include_paused``: paused (inactive) accounts may be chosen
+    too, after active ones; the outbox uses this so mail for a paused account waits for it
+    instead of being refused.
     """
 
     def __init__(
         self,
         *,
         account: str | None = None,
-        options: Mapping[str, Any] | None = None,
+        options: SettingsLike = None,
         include_paused: bool = False,
     ):
+        settings = as_settings(options)
+        account = account or settings.account
         self.forced = normalize_address(account) if account else None
-        self.strict = bool(get_setting("STRICT_FROM", options))
-        self.max_recipients = int(get_setting("MAX_RECIPIENTS_PER_MESSAGE", options))
+        self.strict = settings.strict_from
+        self.max_recipients = settings.max_recipients_per_message
         self.include_paused = include_paused
         self._accounts: list[GmailAccount] | None = None
+        if settings.login is not None:
+            login = explicit_account(*settings.login)
+            self._accounts = [login]
+            self.forced = login.email
 
     def accounts(self) -> list[GmailAccount]:
         if self._accounts is None:
-            accounts = GmailAccount.objects.all()
-            if not self.include_paused:
-                accounts = accounts.filter(is_active=True)
-            self._accounts = list(accounts.order_by("-is_active", "-is_default", "pk"))
+            eligible = GmailAccount.objects.eligible(include_paused=self.include_paused)
+            self._accounts = list(eligible)
             if not self._accounts:
                 fallback = settings_account()
                 if fallback is not None:
@@ -207,6 +216,27 @@ class Router:
                 f"{self.max_recipients} per message, so it was not sent"
             )
         return unique
+
+
+@sensitive_variables("password")
+def explicit_account(username: str, password: str | None) -> GmailAccount:
+    """The account a mailer's ``username``/``password`` log in as (Django's ``auth_user`` and
+    ``auth_password``): with a password, an App Password login that is never stored; without
+    one, the active account of that address (or an unsaved one, which fails to log in with a
+    clear error)."""
+    address = normalize_address(username)
+    if not password:
+        account = GmailAccount.objects.eligible().filter(email=address).first()
+        if account is not None:
+            return account
+    account = GmailAccount(
+        email=address,
+        auth_method=GmailAccount.AuthMethod.APP_PASSWORD,
+        app_password=normalize_app_password(password or ""),
+        is_default=True,
+    )
+    account.from_settings = True
+    return account
 
 
 def _rewrite_from(message: EmailMessage, name: str, account_address: str, original: str):

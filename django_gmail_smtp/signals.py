@@ -1,6 +1,9 @@
 """Signals a site can connect to (alerting, analytics).
 
-Every signal is sent with keyword arguments only:
+Every signal is sent with keyword arguments only. The sender of ``email_sent`` is the backend
+class the message went through (``GmailSMTPBackend``, or ``CeleryGmailBackend`` when the worker
+sent it); the outbox's own signals (``email_queued``, ``email_deferred``, ``email_failed``) are
+sent by ``OutboundEmail``.
 
 - ``email_queued``: ``outbound`` (OutboundEmail), ``message`` (the Django EmailMessage).
 - ``email_sent``: ``message`` (Django EmailMessage, or None from the outbox), ``account``

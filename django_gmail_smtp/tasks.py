@@ -15,35 +15,50 @@ from celery.signals import worker_process_shutdown
 from .conf import get_setting
 
 if TYPE_CHECKING:
-    from .transport import ConnectionPool
+    from .conf import MailerSettings
+    from .transport import Transport
 
 # Models are imported inside the functions: a Celery app may import this module (for
 # beat_schedule) before Django's app registry is ready.
-_pool: ConnectionPool | None = None
+
+#: this worker process's transports, one per mailer's settings (created after fork)
+_transports: dict[MailerSettings, Transport] = {}
 
 
-def pool() -> ConnectionPool:
-    """This worker process's connection pool (created after fork, closed at shutdown)."""
-    from .transport import ConnectionPool
+def transport_for(settings: MailerSettings) -> Transport:
+    """This worker process's transport for a mailer's settings (its connection pool): mail of
+    mailers with the same options shares it, and each keeps its connections between tasks."""
+    transport = _transports.get(settings)
+    if transport is None:
+        from .transport import make_transport
 
-    global _pool
-    if _pool is None:
-        _pool = ConnectionPool()
-    return _pool
+        transport = _transports[settings] = make_transport(settings)
+    return transport
+
+
+def pool() -> Transport:
+    """This worker process's transport for the GMAIL_SMTP settings (``EMAIL_BACKEND`` mail)."""
+    from .conf import for_mailer
+
+    return transport_for(for_mailer(None))
 
 
 @worker_process_shutdown.connect
 def _close_pool(**kwargs: object) -> None:
-    if _pool is not None:
-        _pool.close()
+    transports = list(_transports.values())
+    _transports.clear()
+    for transport in transports:
+        transport.close()
 
 
 @shared_task(name="django_gmail_smtp.tasks.send_outbound_email", ignore_result=True)
 def send_outbound_email(outbound_id: int) -> str:
-    """Send one outbox row (claimed atomically: a duplicate delivery does nothing)."""
+    """Send one outbox row (claimed atomically: a duplicate delivery does nothing), with the
+    settings of the mailer that queued it."""
     from . import outbox
 
-    return outbox.deliver(int(outbound_id), pool=pool())
+    # The outcome's plain value: what Celery logs and a result backend would store.
+    return str(outbox.deliver(int(outbound_id), transports=transport_for))
 
 
 @shared_task(name="django_gmail_smtp.tasks.sweep_outbox", ignore_result=True)

@@ -1,5 +1,11 @@
 """Transport: one verified TLS connection to Gmail, authenticated, sending envelopes.
 
+:class:`Transport` is the interface the delivery pipeline (and the account services) talk to;
+:class:`ConnectionPool` is the SMTP implementation behind it, the default ``TRANSPORT_CLASS``.
+Another transport (the Gmail API, a subclass of the pool) is a class taking a
+:class:`~django_gmail_smtp.conf.MailerSettings`, named in ``GMAIL_SMTP["TRANSPORT_CLASS"]`` or
+a mailer's ``transport_class`` option.
+
 Every failure leaves here as an exception from :mod:`django_gmail_smtp.exceptions`, already
 classified; nothing else in the app looks at SMTP codes.
 """
@@ -11,14 +17,15 @@ import re
 import smtplib
 import ssl
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from django.core.mail.utils import DNS_NAME
+from django.views.decorators.debug import sensitive_variables
 
-from .conf import connection_settings, get_setting
+from .conf import MailerSettings, SettingsLike, as_settings
 from .credentials import SMTPCredentials, credentials_for
 from .exceptions import (
     AuthenticationError,
@@ -48,6 +55,28 @@ class SendResult:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
+@runtime_checkable
+class Transport(Protocol):
+    """What connects to Gmail and sends, for one mailer's settings.
+
+    A transport class is called with a :class:`~django_gmail_smtp.conf.MailerSettings`; one
+    instance serves one thread and may keep connections open between sends until
+    :meth:`close`. Failures are raised as classified
+    :class:`~django_gmail_smtp.exceptions.GmailSMTPError` subclasses (an error raised after
+    Gmail may have kept the message has ``maybe_delivered = True``), configuration problems
+    as :class:`~django_gmail_smtp.exceptions.GmailConfigurationError`.
+    """
+
+    def open(self, account: GmailAccount) -> None:
+        """Connect and authenticate ``account`` (reusing an open session); raise if it fails."""
+
+    def send(self, envelope: Envelope) -> SendResult:
+        """Send one envelope from its account; return Gmail's acceptance."""
+
+    def close(self) -> None:
+        """Close every open session; never raises."""
+
+
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     """A context that verifies the certificate and host name; ``ca_file`` adds trust anchors."""
     context = ssl.create_default_context()
@@ -65,19 +94,28 @@ def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     return context
 
 
-def ehlo_hostname(options: Mapping[str, Any] | None = None) -> str:
-    return str(get_setting("EHLO_HOSTNAME", options) or DNS_NAME.get_fqdn())
+def ehlo_hostname(options: SettingsLike = None) -> str:
+    return str(as_settings(options).ehlo_hostname or DNS_NAME.get_fqdn())
 
 
 class GmailConnection:
-    """An authenticated SMTP session for one account. Not thread-safe; use one per thread."""
+    """An authenticated SMTP session for one account. Not thread-safe; use one per thread.
 
-    def __init__(self, account: GmailAccount, options: Mapping[str, Any] | None = None) -> None:
+    ``options``: the mailer's :class:`~django_gmail_smtp.conf.MailerSettings` (or a mapping of
+    backend options); None: the GMAIL_SMTP settings.
+    """
+
+    def __init__(self, account: GmailAccount, options: SettingsLike = None) -> None:
         self.account = account
-        self.host, self.port, self.security = connection_settings(options)
-        self.timeout = float(get_setting("TIMEOUT", options))
-        self.ca_file = get_setting("CA_FILE", options)
-        self.local_hostname = ehlo_hostname(options)
+        self.settings: MailerSettings = as_settings(options)
+        self.host, self.port, self.security = (
+            self.settings.host,
+            self.settings.port,
+            self.settings.security,
+        )
+        self.timeout = self.settings.timeout
+        self.ca_file = self.settings.ca_file
+        self.local_hostname = ehlo_hostname(self.settings)
         self._smtp: smtplib.SMTP | None = None
         self._credentials: SMTPCredentials | None = None
         self.logins = 0
@@ -98,7 +136,7 @@ class GmailConnection:
         context = ssl_context(self.ca_file)
         # Read (and if needed refresh) the credentials first: a key or token problem is
         # reported without opening a connection.
-        credentials = credentials_for(self.account)
+        credentials = self._credentials_for()
         with self._guard("connect"):
             if self.security == "ssl":
                 smtp: smtplib.SMTP = smtplib.SMTP_SSL(
@@ -137,6 +175,19 @@ class GmailConnection:
         except BaseException:
             self._abort()
             raise
+
+    @sensitive_variables("rejected")
+    def _credentials_for(
+        self, *, force_refresh: bool = False, rejected: str | None = None
+    ) -> SMTPCredentials:
+        # A token refresh waits for Google as long as this mailer waits for Gmail.
+        return credentials_for(
+            self.account,
+            force_refresh=force_refresh,
+            rejected_token=rejected,
+            timeout=self.timeout,
+            margin=self.settings.token_refresh_margin,
+        )
 
     def close(self) -> None:
         """Say QUIT and close; never raises."""
@@ -186,9 +237,7 @@ class GmailConnection:
                 raise
             # The token may have been revoked or expired early: refresh once and retry once.
             logger.info("Gmail rejected the access token of %s; refreshing", self.account.email)
-            credentials = credentials_for(
-                self.account, force_refresh=True, rejected_token=credentials.secret
-            )
+            credentials = self._credentials_for(force_refresh=True, rejected=credentials.secret)
             try:
                 self._login(credentials)
             except AuthenticationError as exc2:
@@ -519,23 +568,42 @@ def _during(phase: str) -> str:
 
 
 class ConnectionPool:
-    """Authenticated connections kept open per account between sends, for one thread.
+    """The SMTP :class:`Transport`: authenticated connections kept open per account between
+    sends, for one thread.
 
-    A Celery worker process keeps one pool, so a burst of N messages from one account costs one
-    TLS handshake and one login, not N (and avoids Gmail's 454 "too many login attempts").
-    A pooled connection is reopened before its OAuth token expires, after a 421 or a dropped
-    connection, and when a NOOP shows an idle one has died.
+    A Celery worker process keeps one pool per mailer's settings, so a burst of N messages from
+    one account costs one TLS handshake and one login, not N (and avoids Gmail's 454 "too many
+    login attempts"). A pooled connection is reopened before its OAuth token expires, after a
+    421 or a dropped connection, and when a NOOP shows an idle one has died.
+
+    ``options``: the mailer's :class:`~django_gmail_smtp.conf.MailerSettings` (or a mapping
+    of backend options); None: the GMAIL_SMTP settings. Subclasses may override
+    :attr:`connection_class`.
     """
 
-    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
-        self.options = options
-        self.idle_check = float(get_setting("POOL_IDLE_CHECK", options))
+    connection_class: type[GmailConnection] = GmailConnection
+
+    def __init__(self, options: SettingsLike = None) -> None:
+        self.settings: MailerSettings = as_settings(options)
+        self.idle_check = self.settings.pool_idle_check
         self._connections: dict[Any, GmailConnection] = {}
         self._last_used: dict[Any, float] = {}
         self.logins = 0
 
+    @property
+    def options(self) -> MailerSettings:
+        """The settings this pool connects with (the name it had when it took a mapping)."""
+        return self.settings
+
     def __repr__(self) -> str:
-        return f"<ConnectionPool {len(self._connections)} connection(s)>"
+        return (
+            f"<ConnectionPool {self.settings.host}:{self.settings.port} "
+            f"{len(self._connections)} connection(s)>"
+        )
+
+    def open(self, account: GmailAccount) -> None:
+        """Connect and log in ``account`` now (or check its pooled session still answers)."""
+        self.connection(account)
 
     def connection(self, account: GmailAccount) -> GmailConnection:
         """An open, authenticated connection for ``account`` (reused when still good)."""
@@ -549,7 +617,7 @@ class ConnectionPool:
                 connection.close()
             connection.account = account
         else:
-            connection = self._connections[key] = GmailConnection(account, self.options)
+            connection = self._connections[key] = self.connection_class(account, self.settings)
         if not connection.is_open:
             connection.open()
             self.logins += 1
@@ -601,4 +669,24 @@ def _xoauth2(user: str, token: str) -> Any:
     return respond
 
 
-__all__ = ["ConnectionPool", "GmailConnection", "SendResult", "ssl_context"]
+def make_transport(settings: MailerSettings) -> Transport:
+    """A new transport of the mailer's ``transport_class``, for ``settings``."""
+    transport = settings.transport()(settings)
+    if not isinstance(transport, Transport):
+        from .exceptions import GmailConfigurationError
+
+        raise GmailConfigurationError(
+            f"The transport_class {settings.transport_class!r} ({settings.source}) does not "
+            "have the methods of django_gmail_smtp.transport.Transport (open, send, close)."
+        )
+    return transport
+
+
+__all__ = [
+    "ConnectionPool",
+    "GmailConnection",
+    "SendResult",
+    "Transport",
+    "make_transport",
+    "ssl_context",
+]

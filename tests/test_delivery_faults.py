@@ -202,7 +202,7 @@ def test_a_record_whose_commit_went_through_is_not_written_twice(
     attempt already written and neither logs it again nor queues a second follow-up."""
     sandbox.fault("rcpt", reply=SLOW, times=1)
     (row,) = queue(message(to=["slow@example.net", "ok@example.net"]))
-    original = outbox._Delivery._write
+    original = outbox.OutboxRecord._write
     lost = []
 
     def write_then_lose_the_ack(self, *args, **kwargs):
@@ -212,7 +212,7 @@ def test_a_record_whose_commit_went_through_is_not_written_twice(
             raise OperationalError("server closed the connection unexpectedly")
         return result
 
-    monkeypatch.setattr(outbox._Delivery, "_write", write_then_lose_the_ack)
+    monkeypatch.setattr(outbox.OutboxRecord, "_write", write_then_lose_the_ack)
     assert outbox.deliver(row.pk, pool=pool) == "sent"
     row.refresh_from_db()
     assert [a.outcome for a in row.log.all()] == [OutboundAttempt.Outcome.SENT]

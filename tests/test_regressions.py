@@ -199,7 +199,7 @@ def test_send_that_outlasted_its_lease_is_recorded_as_sent(account, no_dispatch)
     )
     outbox.sweep()  # the sweeper re-queues the row while the worker is still sending
     assert OutboundEmail.objects.get(pk=row.pk).status == Status.QUEUED
-    outbox._Delivery(claimed, "w1").sent(account, SendResult("2.0.0 OK 1 x - gsmtp"))
+    outbox.OutboxRecord(claimed, "w1").sent(account, SendResult("2.0.0 OK 1 x - gsmtp"))
     assert OutboundEmail.objects.get(pk=row.pk).status == Status.SENT
 
 

@@ -58,6 +58,7 @@ WRONG = {
     "POOL_IDLE_CHECK": (True, "bool"),
     "BODY_RETENTION_DAYS": ("7d", "str"),
     "MAX_MESSAGE_SIZE": ("25MB", "str"),
+    "TRANSPORT_CLASS": (42, "int"),
 }
 SECRETS = {"CLIENT_SECRET", "ENCRYPTION_KEYS"}
 
