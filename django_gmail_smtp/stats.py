@@ -9,16 +9,20 @@ import email
 import email.policy
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
-from django.db.models import Count
+from django.db.models import Count, Q
+from django.utils import timezone
 from django.utils.html import escape, format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
 from . import quota
-from .conf import local
+from .conf import format_time, get_setting, local
 from .models import GmailAccount, OutboundEmail, QuotaBucket, QuotaDay, SenderQuota
+
+#: How people read a moment in the admin and the command: one format everywhere.
+TIME_FORMAT = "%Y-%m-%d %H:%M"
 
 
 @dataclass
@@ -26,8 +30,22 @@ class AccountStats:
     account: GmailAccount
     status: quota.QuotaStatus
     hourly: list[tuple[datetime, int, int]]  # (hour, messages, recipients), oldest first
-    daily: list[tuple[datetime, int, int]]  # (day, messages, recipients), oldest first
+    daily: list[tuple[date, int, int]]  # (day, messages, recipients), oldest first
     outbox: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def at_limit(self) -> bool:
+        """Nothing can be sent from the account now (see :func:`at_limit`)."""
+        return at_limit(self.status)
+
+    @property
+    def next_slot_text(self) -> str:
+        """When the account can send again: Gmail's block's end, else the next free slot."""
+        return format_time(self.status.exhausted_until or self.status.next_slot_at, TIME_FORMAT)
+
+    @property
+    def exhausted_until_text(self) -> str:
+        return format_time(self.status.exhausted_until, TIME_FORMAT)
 
     @property
     def hourly_chart(self) -> SafeString:
@@ -92,30 +110,88 @@ def account_stats(account: GmailAccount, now: datetime | None = None) -> Account
 
 
 def dashboard() -> list[AccountStats]:
-    return [account_stats(a) for a in GmailAccount.objects.order_by("-is_active", "email")]
+    """Every account's stats, in the order routing prefers them (paused ones last)."""
+    from .services import eligible_accounts
+
+    return [account_stats(a) for a in eligible_accounts(include_paused=True)]
+
+
+# --- quota in words ------------------------------------------------------------------------------
+
+
+def at_limit(status: quota.QuotaStatus) -> bool:
+    """Whether no message can be sent from the account now (a limit reached, or Gmail's block)."""
+    return bool(
+        status.exhausted_until or status.messages_remaining == 0 or status.recipients_remaining == 0
+    )
+
+
+def room_text(status: quota.QuotaStatus) -> str:
+    """What the account can send now: "room for N now", or, only at its limit, when the next
+    slot frees (saying when a slot frees while there is room reads as if it were blocked)."""
+    if not at_limit(status):
+        n = status.messages_remaining
+        return f"room for {n} message{'s' if n != 1 else ''} now"
+    when = format_time(status.next_slot_at or status.exhausted_until, TIME_FORMAT)
+    if status.messages_remaining == 0 or status.recipients_remaining == 0:
+        return f"at the limit; next slot frees {when}"
+    return f"blocked until {when}"  # Gmail said so before our count reached the limit
+
+
+# --- the outbox: mail waiting longer than it should ----------------------------------------------
+
+#: A row is "waiting too long" after this many SWEEP_GRACE periods (at least MIN_OVERDUE).
+OVERDUE_GRACES = 5
+MIN_OVERDUE = timedelta(minutes=5)
+
+
+def overdue_after() -> timedelta:
+    """How long a due row may wait before the admin calls it "waiting too long"."""
+    return max(MIN_OVERDUE, timedelta(seconds=float(get_setting("SWEEP_GRACE"))) * OVERDUE_GRACES)
+
+
+def waiting_too_long(now: datetime | None = None) -> Q:
+    """Rows that should have been sent by now: queued (and due) for longer than
+    :func:`overdue_after`, deferred past their next attempt by as much, or left "sending" by
+    a worker whose lease ran out that long ago. Usually no worker runs, or the broker is down."""
+    limit = (now or timezone.now()) - overdue_after()
+    Status = OutboundEmail.Status
+    return (
+        Q(status=Status.QUEUED, updated_at__lt=limit)
+        & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lt=limit))
+        | Q(status=Status.DEFERRED, next_attempt_at__lt=limit)
+        | Q(status=Status.SENDING, lease_expires_at__lt=limit)
+    )
 
 
 def bar_chart(
-    series: list[tuple[str, int, int]], *, title: str, width: int = 720, height: int = 160
+    series: list[tuple[str, int, int]], *, title: str, width: int = 720, height: int = 170
 ) -> SafeString:
-    """Paired bars (messages dark, recipients light) with a y-axis maximum and x labels."""
+    """Paired bars (messages dark, recipients light) with a y-axis maximum and x labels.
+
+    The SVG scales with the page, so on a narrow screen its text would shrink with it:
+    admin.css enlarges the labels there and hides the minor ones (``gms-axis-minor``), and the
+    margins here leave room for labels at that size.
+    """
     n = max(1, len(series))
     top = max([max(m, r) for _l, m, r in series] + [1])
-    pad_left, pad_bottom, pad_top = 36, 22, 10
+    # Room for the y-axis maximum at the narrow-screen label size (about 13 units a digit).
+    pad_left, pad_bottom, pad_top = max(36, 14 + 13 * len(str(top))), 30, 10
     plot_w, plot_h = width - pad_left - 4, height - pad_bottom - pad_top
     slot = plot_w / n
     bar = max(1.0, slot / 2 - 1)
     parts = [
         f'<svg class="gms-chart" role="img" viewBox="0 0 {width} {height}" width="{width}" '
         f'height="{height}" xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>',
-        f'<text x="{pad_left - 4}" y="{pad_top + 8}" text-anchor="end" '
+        f'<text x="{pad_left - 4}" y="{pad_top}" text-anchor="end" dominant-baseline="hanging" '
         f'class="gms-axis">{top}</text>',
         f'<text x="{pad_left - 4}" y="{pad_top + plot_h}" text-anchor="end" '
         'class="gms-axis">0</text>',
         f'<line x1="{pad_left}" y1="{pad_top + plot_h}" x2="{width - 4}" y2="{pad_top + plot_h}" '
         'class="gms-base"/>',
     ]
-    step = max(1, n // 12)
+    step = max(1, n // 12)  # labels on a wide screen
+    major = step * max(1, round(n / 6 / step))  # the ones kept on a narrow screen
     for i, (label, messages, recipients) in enumerate(series):
         x = pad_left + i * slot
         for j, (value, css) in enumerate(((messages, "gms-m"), (recipients, "gms-r"))):
@@ -126,9 +202,10 @@ def bar_chart(
                 f"{'messages' if j == 0 else 'recipients'}</title></rect>"
             )
         if i % step == 0:
+            css = "gms-axis" if i % major == 0 else "gms-axis gms-axis-minor"
             parts.append(
-                f'<text x="{x + slot / 2:.1f}" y="{height - 6}" text-anchor="middle" '
-                f'class="gms-axis">{escape(label)}</text>'
+                f'<text x="{x + slot / 2:.1f}" y="{pad_top + plot_h + 6}" text-anchor="middle" '
+                f'dominant-baseline="hanging" class="{css}">{escape(label)}</text>'
             )
     parts.append("</svg>")
     return mark_safe("".join(parts))  # noqa: S308  (every value above is a number or escaped)

@@ -309,3 +309,161 @@ def test_list_actions_verify_pause_resume(client, staff, account, sandbox):
     page = client.post(changelist, {"action": "send_test", **selected}, follow=True)
     assert "Test message sent from" in page.content.decode()
     assert sandbox.deliveries[0].rcpt_tos == ["admin@example.net"]
+
+
+# --- issue 10: admin polish ----------------------------------------------------------------------
+
+DATE = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}"
+
+
+def row_html(page: str, pk: int) -> str:
+    """The changelist row (``<tr>...</tr>``) of object ``pk``."""
+    import re
+
+    match = re.search(rf'<tr>(?:(?!</tr>).)*value="{pk}"(?:(?!</tr>).)*</tr>', page, re.S)
+    assert match, f"no row for {pk}"
+    return match.group(0)
+
+
+def queued_through_celery(account, monkeypatch, subject="Hello") -> OutboundEmail:
+    from django.core.mail import EmailMessage
+
+    from django_gmail_smtp import outbox
+    from django_gmail_smtp.backends import CeleryGmailBackend
+
+    monkeypatch.setattr(outbox, "dispatch", lambda pk, priority, countdown=None: True)
+    CeleryGmailBackend().send_messages([EmailMessage(subject, "b", SENDER, ["to@example.net"])])
+    return OutboundEmail.objects.get(subject=subject)
+
+
+def test_quota_column_says_room_now_and_the_next_slot_only_at_the_limit(
+    client, staff, account, sandbox
+):
+    from django.core.mail import send_mail
+
+    for i in range(5):
+        send_mail(f"s{i}", "b", SENDER, ["t@example.net"])
+    changelist = reverse("admin:django_gmail_smtp_gmailaccount_changelist")
+    dashboard = reverse("admin:django_gmail_smtp_dashboard")
+    row = row_html(client.get(changelist).content.decode(), account.pk)
+    assert "5 / 500" in row and "room for 495 messages now" in row
+    assert "next slot" not in row.lower()
+    page = client.get(dashboard).content.decode()
+    assert "Room now" in page and "495 messages" in page and "Next slot frees" not in page
+
+    GmailAccount.objects.filter(pk=account.pk).update(daily_limit=5)  # now at its limit
+    row = row_html(client.get(changelist).content.decode(), account.pk)
+    assert "5 / 5" in row and "room for" not in row
+    assert "at the limit; next slot frees" in row and "gms-quota-room-full" in row
+    page = client.get(dashboard).content.decode()
+    assert "Next slot frees" in page and "Room now" not in page
+
+
+def test_outbox_attempts_count_the_log(client, staff, account, sandbox, monkeypatch):
+    from django_gmail_smtp.tasks import send_outbound_email
+
+    row = queued_through_celery(account, monkeypatch)
+    send_outbound_email(row.pk)  # the task's code, in this process, over the sandbox
+    row.refresh_from_db()
+    assert row.status == OutboundEmail.Status.SENT and row.log.count() == 1
+    import re
+
+    page = client.get(reverse("admin:django_gmail_smtp_outboundemail_changelist")).content
+    cell = re.search(r'<td class="field-attempt[^"]*">(\d+)</td>', row_html(page.decode(), row.pk))
+    assert cell.group(1) == "1"
+    detail = client.get(reverse("admin:django_gmail_smtp_outboundemail_change", args=[row.pk]))
+    assert "1 (see the log below)" in detail.content.decode()
+
+
+def test_outbox_row_shows_every_date_in_one_format(client, staff, account, sandbox, monkeypatch):
+    import re
+
+    from django_gmail_smtp.tasks import send_outbound_email
+
+    row = queued_through_celery(account, monkeypatch)
+    send_outbound_email(row.pk)
+    page = client.get(reverse("admin:django_gmail_smtp_outboundemail_changelist")).content
+    html = row_html(page.decode(), row.pk)
+    created = re.search(r'<td class="field-(?:created|queued)_at[^"]*">([^<]*)</td>', html)[1]
+    sent = re.search(r'<td class="field-when[^"]*">([^<]*)</td>', html).group(1)
+    assert re.fullmatch(DATE, created) and re.fullmatch(DATE, sent), (created, sent)
+    detail = client.get(
+        reverse("admin:django_gmail_smtp_outboundemail_change", args=[row.pk])
+    ).content.decode()
+    attempt_at = re.search(r'<td class="field-at_time">\s*<p>([^<]*)</p>', detail).group(1)
+    assert re.fullmatch(DATE, attempt_at.strip()), attempt_at
+
+
+def test_outbox_footer_counts_outbound_emails(client, staff, account, sandbox, monkeypatch):
+    changelist = reverse("admin:django_gmail_smtp_outboundemail_changelist")
+    queued_through_celery(account, monkeypatch, "one")
+    assert "1 outbound email<" in client.get(changelist).content.decode()
+    queued_through_celery(account, monkeypatch, "two")
+    page = client.get(changelist).content.decode()
+    assert "2 outbound emails" in page and "2 outbox" not in page
+    # The app index still calls the list "Outbox".
+    assert ">Outbox<" in client.get(reverse("admin:index")).content.decode()
+
+
+def test_outbox_flags_mail_waiting_too_long(client, staff, account, sandbox, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    changelist = reverse("admin:django_gmail_smtp_outboundemail_changelist")
+    queued_through_celery(account, monkeypatch, "fresh")
+    page = client.get(changelist).content.decode()
+    assert "waiting longer than expected" not in page  # just queued: nothing to say
+
+    stuck = queued_through_celery(account, monkeypatch, "stuck")
+    hour_ago = timezone.now() - timedelta(hours=1)
+    OutboundEmail.objects.filter(pk=stuck.pk).update(created_at=hour_ago, updated_at=hour_ago)
+    late = queued_through_celery(account, monkeypatch, "late")
+    OutboundEmail.objects.filter(pk=late.pk).update(
+        status=OutboundEmail.Status.DEFERRED, reason="retry", next_attempt_at=hour_ago
+    )
+    page = client.get(changelist).content.decode()
+    assert "2 messages waiting longer than expected" in page
+    assert "Celery worker is running" in page and "CELERY_BROKER_URL" in page
+    assert "?waiting=too-long" in page
+
+    filtered = client.get(changelist + "?waiting=too-long").content.decode()
+    assert "stuck" in filtered and "late" in filtered and ">fresh<" not in filtered
+    assert "2 outbound emails" in filtered
+
+
+def test_error_advice_is_set_apart_from_gmails_reply(client, staff, sandbox, make_account):
+    account = make_account(sandbox, app_password="wrongwrongwrongw")
+    url = reverse("admin:django_gmail_smtp_gmailaccount_operation", args=[account.pk, "verify"])
+    page = client.post(url, follow=True).content.decode()
+    assert "gsmtp&quot;. What to do: " in page
+    # Text stored before the fix runs on ("- gsmtp The App ..."): shown on two lines.
+    row = OutboundEmail.objects.create(
+        status=OutboundEmail.Status.FAILED,
+        account_email=account.email,
+        from_email=account.email,
+        recipients=["to@example.net"],
+        last_error="Refused. Gmail replied: 535 5.7.8 Not accepted. x1 - gsmtp The App Password "
+        "was refused.",
+    )
+    detail = client.get(
+        reverse("admin:django_gmail_smtp_outboundemail_change", args=[row.pk])
+    ).content.decode()
+    assert "x1 - gsmtp<br>The App Password was refused." in detail
+
+
+def test_chart_keeps_major_labels_for_narrow_screens():
+    import re
+    from datetime import datetime, timedelta
+
+    from django_gmail_smtp.stats import bar_chart
+
+    hours = [(f"{(datetime(2026, 1, 1) + timedelta(hours=h)):%H}h", h, h) for h in range(24)]
+    svg = str(bar_chart(hours, title="t"))
+    labels = re.findall(r'<text [^>]*class="(gms-axis[^"]*)"[^>]*>(\d+h)</text>', svg)
+    assert len(labels) == 12  # every other hour on a wide screen
+    major = [text for css, text in labels if "gms-axis-minor" not in css]
+    assert major == ["00h", "04h", "08h", "12h", "16h", "20h"]  # what a phone shows
+    days = [(f"{d:02d} Jan", d, 1) for d in range(1, 31)]
+    major = re.findall(r'class="gms-axis"[^>]*>(\d\d Jan)<', str(bar_chart(days, title="t")))
+    assert 5 <= len(major) <= 8

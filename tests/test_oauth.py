@@ -418,7 +418,7 @@ def test_two_pending_connections_both_finish(sandbox, admin_client):
 
 def test_pending_connection_expires(sandbox, admin_client):
     """After 10 minutes the pending state is discarded and Google's late answer refused."""
-    from django_gmail_smtp.admin import SESSION_KEY
+    from django_gmail_smtp.services import SESSION_KEY
 
     account = make_oauth_account(sandbox)
     old_token = account.refresh_token

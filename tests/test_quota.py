@@ -342,4 +342,7 @@ def test_quota_command_table(account, sandbox, clock, make_account, capsys):
     lines = {line.split()[0]: line for line in text.splitlines() if "@" in line.split()[0]}
     assert "2/500" in lines[SENDER] and "3 (no limit)" in lines[SENDER]
     assert "0/2000" in lines["b@example.com"] and "0/10000" in lines["b@example.com"]
-    assert "ACCOUNT" in text and "NEXT SLOT" in text
+    assert "ACCOUNT" in text and "NOW" in text
+    # Not at its limit: the room left, never a "next slot" that reads as blocked.
+    assert "room for 498 messages now" in lines[SENDER]
+    assert "room for 2000 messages now" in lines["b@example.com"]

@@ -6,11 +6,9 @@ import argparse
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from django.core.mail import EmailMessage
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_gmail_smtp.conf import connection_settings, get_setting
-from django_gmail_smtp.exceptions import GmailSMTPError
 from django_gmail_smtp.models import GmailAccount, normalize_address
 
 
@@ -33,7 +31,9 @@ class Command(BaseCommand):
             help="connect to Gmail, log in, and report what works and what to fix",
             description="For each active account (or the one given): open a verified TLS "
             "connection, authenticate (refreshing an OAuth token if needed), and report the "
-            "result in plain words. Nothing is sent. Exits 1 if any account fails.",
+            "result in plain words. With CeleryGmailBackend, also check that a Celery app is "
+            "loaded and that its broker answers (within 2 s). Nothing is sent. Exits 1 if any "
+            "account fails or queued mail could not reach a worker.",
             **kw,
         )
         check.add_argument("--account", metavar="EMAIL", help="check only this account")
@@ -54,7 +54,8 @@ class Command(BaseCommand):
             help="show each account's use of its rolling 24-hour limits",
             description="For every account (or the one given): messages and recipients used "
             "in the last 24 hours against its limits, the share kept for transactional mail, "
-            "whether Gmail has blocked it, and when the next slot frees.",
+            "whether Gmail has blocked it, and how many messages it can send now (at its limit: "
+            "when the next slot frees).",
             **kw,
         )
         quota.add_argument("--account", metavar="EMAIL", help="show only this account")
@@ -138,11 +139,9 @@ class Command(BaseCommand):
 
     # --- check -----------------------------------------------------------------------------------
     def _accounts(self, address: str | None) -> list[GmailAccount]:
-        from django_gmail_smtp.credentials import settings_account
+        from django_gmail_smtp import services
 
-        accounts = list(GmailAccount.objects.active().order_by("-is_default", "email"))
-        if not accounts and (fallback := settings_account()) is not None:
-            accounts = [fallback]
+        accounts = services.sender_accounts()
         if address:
             accounts = [a for a in accounts if a.email == normalize_address(address)]
             if not accounts:
@@ -157,40 +156,62 @@ class Command(BaseCommand):
         return accounts
 
     def handle_check(self, account: str | None = None, **options: Any) -> None:
-        from django_gmail_smtp.transport import GmailConnection
+        from django_gmail_smtp import services
 
         try:
             host, port, security = connection_settings()
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(f"Server: {host}:{port} ({security}), timeout {get_setting('TIMEOUT')} s")
+        celery_failed = self._check_celery()
         failures = 0
         for acct in self._accounts(account):
             label = f"{acct.email} ({acct.get_auth_method_display()}"
             label += ", from EMAIL_HOST_USER)" if acct.from_settings else ")"
-            connection = GmailConnection(acct)
-            try:
-                connection.open()
-            except (GmailSMTPError, ImproperlyConfigured) as exc:
+            result = services.verify(acct)
+            if not result.ok:
                 failures += 1
-                self.stdout.write(self.style.ERROR(f"FAIL  {label}: {exc}"))
+                self.stdout.write(self.style.ERROR(f"FAIL  {label}: {result.detail}"))
             else:
                 aliases = ", ".join(acct.aliases()) or "none"
                 self.stdout.write(
                     self.style.SUCCESS(f"OK    {label}: TLS verified, logged in")
                     + f"; send-as aliases: {aliases}"
                 )
-            finally:
-                connection.close()
-        if failures:
-            raise CommandError(f"{failures} account(s) cannot send; see above for what to fix.")
+        broken = [f"{failures} account(s) cannot send"] if failures else []
+        broken += ["queued mail cannot reach a Celery worker"] if celery_failed else []
+        if broken:
+            raise CommandError("; ".join(broken) + "; see above for what to fix.")
+
+    def _check_celery(self) -> bool:
+        """Report the Celery set-up when CeleryGmailBackend is used; True if mail cannot go."""
+        from django_gmail_smtp import celery_setup
+
+        if not celery_setup.celery_backend_in_use():
+            return False
+        problems = celery_setup.celery_problems(probe=True)
+        for problem in problems:
+            style, tag = (
+                (self.style.ERROR, "FAIL") if problem.stops_mail else (self.style.WARNING, "WARN")
+            )
+            self.stdout.write(style(f"{tag:6}Celery: {problem.msg}") + f"\n      {problem.hint}")
+        if not problems:
+            app = celery_setup.loaded_app()
+            assert app is not None  # celery_problems() reports a missing app
+            broker = celery_setup.broker_for_display(app)
+            self.stdout.write(
+                self.style.SUCCESS(f"OK    Celery: app {app.main!r}, broker {broker} answers")
+            )
+        return any(problem.stops_mail for problem in problems)
 
     # --- quota -----------------------------------------------------------------------------------
     def handle_quota(self, account: str | None = None, **options: Any) -> None:
         from django.utils import timezone
 
         accounts = self._accounts(account)
-        rows = [("ACCOUNT", "LIMITS", "MESSAGES", "RECIPIENTS", "BULK MAX", "STATE", "NEXT SLOT")]
+        from django_gmail_smtp.stats import room_text
+
+        rows = [("ACCOUNT", "LIMITS", "MESSAGES", "RECIPIENTS", "BULK MAX", "STATE", "NOW")]
         for acct in accounts:
             status = acct.quota_status()
             recipients = f"{status.recipients_used}" + (
@@ -210,7 +231,7 @@ class Command(BaseCommand):
                     recipients,
                     str(status.bulk_messages_limit),
                     state,
-                    _when(status.next_slot_at) if status.next_slot_at else "-",
+                    room_text(status),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -292,29 +313,22 @@ class Command(BaseCommand):
         timeout: float = 300,
         **options: Any,
     ) -> None:
-        from django_gmail_smtp.credentials import finish_authorization, start_authorization
+        from django_gmail_smtp import services
         from django_gmail_smtp.loopback import LoopbackReceiver
 
-        address = normalize_address(email)
-        account = GmailAccount.objects.filter(email=address).first()
-        created = account is None
-        if account is None:
-            account = GmailAccount(email=address, auth_method=GmailAccount.AuthMethod.OAUTH2)
-            account.is_default = not GmailAccount.objects.filter(is_default=True).exists()
-        if client_id:
-            account.client_id = client_id
-        if client_secret:
-            account.client_secret = client_secret
+        account, created = services.account_to_connect(
+            email, client_id=client_id, client_secret=client_secret
+        )
         with LoopbackReceiver(port=port) as receiver:
             try:
-                flow = start_authorization(account, receiver.redirect_uri)
+                flow = services.start_connect(account, receiver.redirect_uri)
             except ImproperlyConfigured as exc:
-                raise CommandError(str(exc)) from None
+                raise CommandError(services.explain(exc)) from None
             receiver.expect(flow.state)
             self.stdout.write(
-                f"Open this URL in a browser on this machine, sign in as {address} and allow "
-                f"access:\n\n  {flow.url}\n\nWaiting up to {timeout:g} s for Google's answer "
-                f"on {receiver.redirect_uri} ..."
+                f"Open this URL in a browser on this machine, sign in as {account.email} and "
+                f"allow access:\n\n  {flow.url}\n\nWaiting up to {timeout:g} s for Google's "
+                f"answer on {receiver.redirect_uri} ..."
             )
             self.stdout.flush()
             if not no_browser:
@@ -327,98 +341,57 @@ class Command(BaseCommand):
                 f"No answer from Google within {timeout:g} s; nothing was changed. Run the "
                 "command again and finish the sign-in in the browser."
             )
-        from django.utils.crypto import constant_time_compare
-
-        if not constant_time_compare(answer.get("state", ""), flow.state):
-            raise CommandError(
-                "The answer's state does not match this request (another sign-in, or a forged "
-                "redirect); nothing was changed. Run the command again."
-            )
-        if answer.get("error"):
-            raise CommandError(
-                f"Google did not grant access: {answer['error']}. Nothing was changed."
-            )
-        try:
-            # Saves the account (and a new client id/secret) only once the grant is accepted,
-            # so a refused grant leaves the stored credentials as they were.
-            finish_authorization(
-                account,
-                code=answer.get("code", ""),
-                verifier=flow.verifier,
-                redirect_uri=flow.redirect_uri,
-            )
-        except (GmailSMTPError, ImproperlyConfigured) as exc:
-            raise CommandError(f"Not connected: {exc}") from None
+        result = services.finish_connect(
+            account,
+            flow,
+            state=answer.get("state", ""),
+            code=answer.get("code", ""),
+            error=answer.get("error", ""),
+        )
+        if not result.ok:
+            raise CommandError(result.text)
         self.stdout.write(
             self.style.SUCCESS(
-                f"Connected {address} with Google; the refresh token is stored encrypted."
+                f"Connected {account.email} with Google; the refresh token is stored encrypted."
                 + (" (new account)" if created else "")
             )
-            + " Run `manage.py gmail_smtp check --account "
-            + address
-            + "` to verify."
+            + f" Run `manage.py gmail_smtp check --account {account.email}` to verify."
         )
 
     # --- rotate-keys -----------------------------------------------------------------------------
     def handle_rotate_keys(self, **options: Any) -> None:
-        from django.db import connection, transaction
+        from django_gmail_smtp import services
 
-        from django_gmail_smtp.crypto import EncryptedTextField, decrypt, is_current
-
-        fields = [f for f in GmailAccount._meta.fields if isinstance(f, EncryptedTextField)]
-        table = connection.ops.quote_name(GmailAccount._meta.db_table)
-        columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-        rotated = unreadable = 0
-        with transaction.atomic(), connection.cursor() as cursor:
-            # Raw values: the ORM would hand back decrypted text.
-            cursor.execute(f"SELECT id, email, {columns} FROM {table}")  # noqa: S608
-            for pk, email, *raw in cursor.fetchall():
-                updates = {}
-                for field, value in zip(fields, raw, strict=True):
-                    if not value or is_current(value):
-                        continue
-                    try:
-                        updates[field.attname] = decrypt(value)
-                    except ImproperlyConfigured:
-                        unreadable += 1
-                        self.stderr.write(
-                            f"{email}: the {field.verbose_name} cannot be decrypted with any "
-                            "configured key; enter it again in the admin."
-                        )
-                if updates:
-                    GmailAccount.objects.filter(pk=pk).update(**updates)
-                    rotated += 1
-        self.stdout.write(self.style.SUCCESS(f"Re-encrypted the secrets of {rotated} account(s)."))
-        if unreadable:
-            raise CommandError(f"{unreadable} secret(s) could not be decrypted; see above.")
+        result = services.rotate_keys()
+        for problem in result.unreadable:
+            self.stderr.write(problem)
+        self.stdout.write(
+            self.style.SUCCESS(f"Re-encrypted the secrets of {result.rotated} account(s).")
+        )
+        if result.unreadable:
+            raise CommandError(
+                f"{len(result.unreadable)} secret(s) could not be decrypted; see above."
+            )
 
     # --- send-test -----------------------------------------------------------------------------
     def handle_send_test(
         self, to: str, account: str | None = None, subject: str = "", **options: Any
     ) -> None:
-        from django_gmail_smtp.backends import GmailSMTPBackend
+        from django_gmail_smtp import services
 
         sender = self._accounts(account)[0]
-        message = EmailMessage(
-            subject=subject,
-            body=(
-                "This is a test message sent by `manage.py gmail_smtp send-test`.\n"
-                f"Account: {sender.email}\n"
-            ),
-            from_email=sender.email,
-            to=[to],
+        body = (
+            "This is a test message sent by `manage.py gmail_smtp send-test`.\n"
+            f"Account: {sender.email}\n"
         )
-        backend = GmailSMTPBackend(account=None if sender.from_settings else sender.email)
-        try:
-            backend.send_messages([message])
-        except (GmailSMTPError, ImproperlyConfigured) as exc:
-            raise CommandError(f"Not sent: {exc}") from None
-        status = getattr(message, "gmail_status", {})
+        result = services.send_test(sender, to, subject=subject, body=body)
+        if not result.ok:
+            raise CommandError(f"Not sent: {result.detail}")
         self.stdout.write(
-            self.style.SUCCESS(f"Sent to {to} from {status.get('account', sender.email)}.")
-            + f" Gmail replied: 250 {status.get('reply', '')}"
+            self.style.SUCCESS(f"Sent to {to} from {result.sender}.")
+            + f" Gmail replied: 250 {result.reply}"
         )
-        for recipient, (code, text) in (status.get("refused") or {}).items():
+        for recipient, (code, text) in result.refused.items():
             self.stdout.write(self.style.WARNING(f"Refused {recipient}: {code} {text}"))
 
 
