@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 from django.db import DatabaseError
 
-from .conf import legacy_email_setting
+from .conf import is_our_backend, legacy_email_setting
 from .exceptions import GmailConfigurationError
 
 BACKENDS = (
@@ -22,7 +22,7 @@ SETTINGS_NAME = "GMAIL_SMTP"
 
 def backend_in_use() -> bool:
     """True when EMAIL_BACKEND or any MAILERS entry names one of our backends."""
-    if legacy_email_setting("EMAIL_BACKEND", "") in BACKENDS:
+    if is_our_backend(legacy_email_setting("EMAIL_BACKEND", "")):
         return True
     return bool(_our_mailers())
 
@@ -33,7 +33,7 @@ def _our_mailers() -> dict[str, Mapping[str, Any]]:
     return {
         alias: cfg
         for alias, cfg in mailers.items()
-        if isinstance(cfg, Mapping) and cfg.get("BACKEND") in BACKENDS
+        if isinstance(cfg, Mapping) and is_our_backend(cfg.get("BACKEND"))
     }
 
 
@@ -145,7 +145,9 @@ def _check_setting_types(user: Mapping[str, Any]) -> list:
     errors = [Error(text, hint=hint, id="django_gmail_smtp.E005") for text in setting_errors(user)]
     if backend_in_use():
         for spec in SETTINGS.values():
-            value = legacy_email_setting(spec.legacy) if spec.legacy else None
+            if not spec.legacy:
+                continue
+            value = legacy_email_setting(spec.legacy)
             if value is not None and user.get(spec.name) is None:
                 try:
                     spec.check(value, spec.legacy)
@@ -239,8 +241,8 @@ def check_accounts(app_configs: Any = None, databases: Any = None, **kwargs: Any
     for name in ("DEFAULT_FROM_EMAIL", "SERVER_EMAIL"):
         address = parseaddr(str(getattr(settings, name, "") or ""))[1]
         if address and not router.candidates(address):
-            fallback = settings_account()
-            if fallback is not None and fallback.can_send_as(address):
+            fallback_account = settings_account()
+            if fallback_account is not None and fallback_account.can_send_as(address):
                 continue
             text = f"{name} is {address!r}, which no active Gmail account can send as; " + (
                 "STRICT_FROM is on, so such mail will be refused."
@@ -256,3 +258,23 @@ def check_accounts(app_configs: Any = None, databases: Any = None, **kwargs: Any
                 )
             )
     return messages
+
+
+@register("email")
+def check_celery(app_configs: Any = None, **kwargs: Any) -> list:
+    """E007: CeleryGmailBackend without a Celery app; W009: without a broker URL.
+
+    No network I/O here: this runs on every ``manage.py`` command and ``runserver`` reload."""
+    from .celery_setup import celery_problems
+
+    return [problem.as_check_message() for problem in celery_problems(probe=False)]
+
+
+@register("email", deploy=True)
+def check_celery_broker(app_configs: Any = None, **kwargs: Any) -> list:
+    """W010 (``check --deploy`` only): the Celery broker does not answer (a probe of ~2 s)."""
+    from .celery_setup import celery_backend_in_use, loaded_app, probe_broker
+
+    app = loaded_app() if celery_backend_in_use() else None
+    problem = probe_broker(app) if app is not None else None
+    return [problem.as_check_message()] if problem is not None else []

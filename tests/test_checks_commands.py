@@ -269,6 +269,7 @@ def test_command_help_lists_subcommands():
         ("rotate-keys", ["ENCRYPTION_KEYS"]),
     ],
 )
+@pytest.mark.integration
 def test_subcommand_help(subcommand, expected):
     """`manage.py gmail_smtp SUBCOMMAND --help` explains the subcommand and its options."""
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)}
