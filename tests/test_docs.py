@@ -225,6 +225,7 @@ def _send_with_settings(tmp_path: Path, block: str, sandbox: GmailSandbox, **env
     )
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(django.VERSION < (6, 1), reason="MAILERS is a Django 6.1 setting")
 def test_quickstart_django_61_environ_block_sends(tmp_path):
     block = _settings_block("# settings.py (Django 6.1, with django-environ)")
@@ -244,6 +245,7 @@ def test_quickstart_django_61_environ_block_sends(tmp_path):
     assert delivered.rcpt_tos == ["reader@example.org"]
 
 
+@pytest.mark.integration
 def test_quickstart_django_42_environ_block_sends(tmp_path):
     block = _settings_block("# settings.py (Django 4.2-6.0, with django-environ)")
     with GmailSandbox() as sandbox:
@@ -259,6 +261,7 @@ def test_quickstart_django_42_environ_block_sends(tmp_path):
     assert delivered.user == "you@gmail.com"
 
 
+@pytest.mark.integration
 def test_sandbox_testing_examples_pass():
     """docs/examples/ (included in docs/sandbox-testing.md) run under pytest-django."""
     result = subprocess.run(
@@ -285,6 +288,7 @@ def test_sandbox_testing_examples_pass():
 # --- the build -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_docs_build_without_warnings(tmp_path):
     missing = [name for name in DOCS_EXTRAS if importlib.util.find_spec(name) is None]
     if missing:

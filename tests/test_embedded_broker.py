@@ -84,6 +84,7 @@ def _messages_left(folder: Path) -> list[str]:
     return [name for name in os.listdir(folder) if name.endswith(".stress.msg")]
 
 
+@pytest.mark.integration
 def test_every_message_is_taken_exactly_once_between_processes(tmp_path):
     """Two producers and two consumers at once: 3,000 messages, each taken exactly once."""
     url, per_producer = f"{SCHEME}://", 1500
@@ -128,6 +129,7 @@ with Connection(url, transport_options=options) as connection:
 """
 
 
+@pytest.mark.integration
 def test_queues_declared_at_once_by_many_processes_are_all_bound(tmp_path):
     """A binding lost to a concurrent declare would route that queue's messages nowhere."""
     names, rounds = [f"q{i}" for i in range(6)], 200
@@ -269,6 +271,7 @@ def test_queue_a_task_no_worker_takes(settings):
     Path(os.environ[_CLEANUP_REPORT]).write_text(json.dumps(report))
 
 
+@pytest.mark.integration
 def test_a_test_run_leaves_nothing_in_the_broker(settings, tmp_path):
     """A pytest run removes its Redis keys or its broker folder, with the tasks left in them."""
     report = tmp_path / "report.json"

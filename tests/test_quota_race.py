@@ -22,6 +22,7 @@ MESSAGES = 300
 LIMIT = 100
 
 
+@pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_processes_race_one_account(sandbox, make_account):
     account = make_account(sandbox, daily_limit=LIMIT)
@@ -56,6 +57,7 @@ def test_processes_race_one_account(sandbox, make_account):
     assert status.exhausted_until is not None
 
 
+@pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_process_with_clock_ahead_keeps_to_the_window(sandbox, make_account):
     """A sender whose clock runs 2 h ahead neither sees old sends leave early nor prunes them.

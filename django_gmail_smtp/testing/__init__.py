@@ -20,17 +20,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a venv without the
     ) from exc
 
 from .certs import CertificateFiles, client_ssl_context, ensure_certificates
-from .server import (
-    GMAIL_MAX_RECIPIENTS,
-    GMAIL_SIZE_LIMIT,
-    PHASES,
-    Delivered,
-    Fault,
-    GmailSandbox,
-    Replies,
-    SandboxStats,
-    xoauth2_initial_response,
-)
+from .replies import GMAIL_MAX_RECIPIENTS, GMAIL_SIZE_LIMIT, Replies, xoauth2_initial_response
+from .sandbox import GmailSandbox
+from .state import PHASES, Delivered, Fault, SandboxStats
 from .tokens import MAIL_SCOPE
 
 __all__ = [

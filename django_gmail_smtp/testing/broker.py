@@ -87,8 +87,9 @@ def write_atomically(folder: Path, name: str, data: bytes) -> Path:
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing) across processes."""
-    with open(path, "a+b") as file:
-        filesystem.lock(file, filesystem.LOCK_EX)
+    # Unbuffered: the file is only locked, never read or written.
+    with open(path, "a+b", buffering=0) as file:
+        filesystem.lock(file, filesystem.LOCK_EX)  # type: ignore[attr-defined]  # not in kombu-stubs
         try:
             yield
         finally:
@@ -100,7 +101,9 @@ class Channel(filesystem.Channel):
 
     # -- messages --------------------------------------------------------------------------------
 
-    def _put(self, queue: str, payload: dict[str, Any], **kwargs: Any) -> None:
+    # kombu's filesystem channel's signature; kombu-stubs mark it as an incompatible override
+    # of the virtual channel's _put(queue, message) too (argument name and type).
+    def _put(self, queue: str, payload: dict[str, Any], **kwargs: Any) -> None:  # type: ignore[override]
         # Zero-padded wall-clock nanoseconds: names sort in publishing order across processes.
         name = f"{time.time_ns():020d}_{uuid.uuid4().hex}.{queue}.msg"
         try:
@@ -111,7 +114,8 @@ class Channel(filesystem.Channel):
                 "Check that the broker folder exists and is writable."
             ) from exc
 
-    def _get(self, queue: str) -> dict[str, Any]:
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        # ``timeout`` is part of kombu's channel interface; a folder is never waited on.
         folder = Path(self.data_folder_in)
         wanted = f"{queue}.msg"
         try:
@@ -198,8 +202,14 @@ class Channel(filesystem.Channel):
         default = Path(options.get("data_folder_in", "data_in")) / "control"
         return Path(options.get("control_folder", default))
 
-    def get_table(self, exchange: str) -> list[filesystem.exchange_queue_t]:
-        file = self._exchange_file(exchange)
+    def _table_file(self, exchange: str) -> Path:
+        """The exchange table's file (kombu's name for it, which also validates ``exchange``)."""
+        return self._exchange_file(exchange)  # type: ignore[attr-defined]  # not in kombu-stubs
+
+    # The return type is kombu's filesystem channel's, which kombu-stubs also mark as an
+    # incompatible override of the virtual channel's list[tuple[str, str, str]].
+    def get_table(self, exchange: str) -> list[filesystem.exchange_queue_t]:  # type: ignore[override]
+        file = self._table_file(exchange)
         try:
             data = file.read_bytes()
         except FileNotFoundError:
@@ -215,7 +225,7 @@ class Channel(filesystem.Channel):
             ) from exc
 
     def _update_table(self, exchange: str, change: Any) -> None:
-        file = self._exchange_file(exchange)
+        file = self._table_file(exchange)
         self.control_folder.mkdir(parents=True, exist_ok=True)
         try:
             with exclusive_lock(self.control_folder / f".{file.name}.lock"):
@@ -234,11 +244,14 @@ class Channel(filesystem.Channel):
             # Bound earlier by this process, but the folder may have been emptied since: a
             # table without the entry would route the queue's messages nowhere.
             meta = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, None)
-            self._queue_bind(exchange, *meta)
+            # kombu-stubs give prepare_bind() 4 items; it returns (routing_key, pattern, queue).
+            self._queue_bind(exchange, *meta)  # type: ignore[call-arg]
             return
         super().queue_bind(queue, exchange, routing_key, *args, **kwargs)
 
-    def _lookup(self, exchange: str, routing_key: str, default: str | None = None) -> list[str]:
+    def _lookup(
+        self, exchange: str, routing_key: str, default: str | None = None
+    ) -> list[str] | set[str]:
         queues = super()._lookup(exchange, routing_key, default)
         if not queues:
             logger.warning(
@@ -249,7 +262,7 @@ class Channel(filesystem.Channel):
             )
         return queues
 
-    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str | None, queue: str) -> None:
         entry = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
         self._update_table(exchange, lambda table: table if entry in table else [entry, *table])
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .server import GmailSandbox
+from .sandbox import GmailSandbox
 
 __all__ = ["gmail_sandbox", "gmail_sandbox_ssl"]
 

@@ -1017,6 +1017,7 @@ def test_authorize_errors_and_consent_options(sb: GmailSandbox) -> None:
 # -- packaging: pytest plugin and management command --------------------------------------------
 
 
+@pytest.mark.integration
 def test_pytest_plugin_fixtures(tmp_path: Path) -> None:
     (tmp_path / "test_uses_fixtures.py").write_text(
         textwrap.dedent(
@@ -1069,6 +1070,7 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_management_command(tmp_path: Path, stop_signal: signal.Signals) -> None:
     ready = tmp_path / "ready.json"
@@ -1114,3 +1116,99 @@ def test_management_command(tmp_path: Path, stop_signal: signal.Signals) -> None
     assert "'From the command'" in stdout
     assert "Gmail sandbox stopped." in stdout
     assert not ready.exists()
+
+
+def test_oauth_port_defaults_next_to_the_smtp_port() -> None:
+    from django.core.management import CommandError
+
+    from django_gmail_smtp.management.commands.gmail_sandbox import oauth_port_for
+
+    assert oauth_port_for(2587, None) == 2588  # fixed: printed settings survive a restart
+    assert oauth_port_for(2587, 9000) == 9000
+    assert oauth_port_for(0, None) == 0  # any free port for both
+    assert oauth_port_for(0, 9000) == 9000
+    with pytest.raises(CommandError, match="--oauth-port"):
+        oauth_port_for(65535, None)
+    with pytest.raises(CommandError, match="from 0 to 65535"):
+        oauth_port_for(2587, 70000)
+
+
+def _free_port_pair() -> int:
+    """A port P such that P and P + 1 are both free just now."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    pytest.fail("no two adjacent free ports on 127.0.0.1")
+
+
+def _run_command_until_ready(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """Start ``gmail_sandbox`` with ``args``, read its ready file, stop it; return the file's
+    content and the command's output."""
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [sys.executable, "-c", COMMAND_RUNNER, "--cert-dir", str(tmp_path / "certs"),
+         "--ready-file", str(ready), *args],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+    def started() -> bool:
+        assert process.poll() is None, process.communicate()
+        return ready.exists()
+
+    try:
+        wait_for(started, 30, "the sandbox command to get ready")
+        info = json.loads(ready.read_text())
+        # The endpoint really listens there: an empty grant is refused the way Google does.
+        request = urllib.request.Request(info["token_uri"], data=b"grant_type=refresh_token")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code in (400, 401)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, stderr
+    return info, stdout
+
+
+@pytest.mark.integration
+def test_management_command_oauth_uris_survive_a_restart(tmp_path: Path) -> None:
+    port = _free_port_pair()
+    first, first_out = _run_command_until_ready(tmp_path, "--port", str(port))
+    second, second_out = _run_command_until_ready(tmp_path, "--port", str(port))
+    token_uri = f"http://127.0.0.1:{port + 1}/token"
+    assert first["token_uri"] == second["token_uri"] == token_uri
+    assert first["auth_uri"] == second["auth_uri"] == f"http://127.0.0.1:{port + 1}/authorize"
+    for output in (first_out, second_out):
+        assert f'    "TOKEN_URI": "{token_uri}",' in output
+
+    explicit = _free_port_pair()
+    info, output = _run_command_until_ready(tmp_path, "--port", "0", "--oauth-port", str(explicit))
+    assert info["token_uri"] == f"http://127.0.0.1:{explicit}/token"
+    assert f'    "AUTH_URI": "http://127.0.0.1:{explicit}/authorize",' in output
+
+
+def test_old_import_paths_keep_working() -> None:
+    """The sandbox was one module, ``testing.server``; its names still import from there."""
+    import django_gmail_smtp.testing as testing
+    from django_gmail_smtp.testing import sandbox, server, smtp, state
+
+    assert server.GmailSandbox is sandbox.GmailSandbox is testing.GmailSandbox
+    assert server.GmailSMTP is smtp.GmailSMTP  # tests monkeypatch it through server
+    assert server.Fault is state.Fault and server.Replies is testing.Replies
+    assert {name for name in testing.__all__ if hasattr(server, name)} >= {
+        "GMAIL_MAX_RECIPIENTS", "GMAIL_SIZE_LIMIT", "PHASES", "Delivered", "Fault",
+        "GmailSandbox", "Replies", "SandboxStats", "xoauth2_initial_response",
+    }  # fmt: skip

@@ -25,6 +25,22 @@ def _pair(value: str, what: str) -> tuple[str, str]:
     return first.strip(), second
 
 
+def oauth_port_for(smtp_port: int, oauth_port: int | None) -> int:
+    """The OAuth endpoint's port: the one asked for, else the SMTP port + 1 (a fixed port, so
+    the TOKEN_URI and AUTH_URI printed on start stay valid when the sandbox is restarted), or
+    0 (any free port) when SMTP listens on any free port too."""
+    for name, port in (("--port", smtp_port), ("--oauth-port", oauth_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise CommandError(f"{name} must be a port number from 0 to 65535, not {port}.")
+    if oauth_port is not None:
+        return oauth_port
+    if smtp_port == 0:
+        return 0
+    if smtp_port == 65535:
+        raise CommandError("--port 65535 leaves no port above it for OAuth; give --oauth-port.")
+    return smtp_port + 1
+
+
 #: The signals that stop the sandbox: Ctrl-C, and a service manager's or a script's stop.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -63,10 +79,15 @@ class Command(BaseCommand):
             "(like port 587).",
         )
         parser.add_argument(
+            "--oauth-port",
             "--token-port",
+            dest="oauth_port",
             type=int,
-            default=0,
-            help="Port of the OAuth token endpoint on 127.0.0.1 (default: 0, any free port).",
+            default=None,
+            metavar="PORT",
+            help="Port of the OAuth endpoints (TOKEN_URI, AUTH_URI) on 127.0.0.1 (default: the "
+            "SMTP port + 1, so the printed settings stay valid across restarts; any free port "
+            "with --port 0).",
         )
         parser.add_argument(
             "--user",
@@ -118,11 +139,12 @@ class Command(BaseCommand):
         if spool is not None:
             spool.mkdir(parents=True, exist_ok=True)
 
+        oauth_port = oauth_port_for(options["port"], options["oauth_port"])
         sandbox = GmailSandbox(
             security="ssl" if options["ssl"] else "starttls",
             host=options["host"],
             port=options["port"],
-            token_port=options["token_port"],
+            token_port=oauth_port,
             cert_dir=options["cert_dir"],
             on_delivery=lambda message: self._delivered(message, spool),
         )
@@ -134,7 +156,9 @@ class Command(BaseCommand):
             sandbox.start()
         except OSError as exc:
             raise CommandError(
-                f"cannot listen on {options['host']}:{options['port']}: {exc}"
+                f"Cannot listen on {options['host']}:{options['port']} (SMTP) and "
+                f"127.0.0.1:{oauth_port} (OAuth): {exc}. Stop whatever uses these ports, or "
+                "choose others with --port and --oauth-port."
             ) from exc
 
         ready_file = Path(options["ready_file"]).resolve() if options["ready_file"] else None
@@ -171,7 +195,7 @@ class Command(BaseCommand):
         )
         lines = [
             f"Gmail sandbox listening for SMTP on {sandbox.host}:{sandbox.port} ({mode}).",
-            f"OAuth token endpoint: {sandbox.token_uri}",
+            f"OAuth endpoints: {sandbox.token_uri} and {sandbox.auth_uri}",
             f"Clients must trust this CA certificate: {sandbox.ca_file}",
             "",
             "Accounts that may log in (with these App Passwords):",
