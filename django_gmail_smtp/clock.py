@@ -29,13 +29,22 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models import BigIntegerField, Func
 from django.db.models.sql import Query
 from django.utils import timezone
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models.sql.compiler import SQLCompiler
+
+#: What the ``as_<vendor>`` methods return: SQL without parameters. The parameters are a list,
+#: not the tuple django-stubs (Django 6) declares: Django 4.2's lookups ``extend()`` the list
+#: an expression returns, and Django 6 accepts either.
+_SqlNoParams = tuple[str, list[Any]]
 
 logger = logging.getLogger(__name__)
 
@@ -83,16 +92,30 @@ class DatabaseNow(Func):
     arity = 0
     output_field = BigIntegerField()
 
-    def as_sql(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list[Any]]:
+    def as_sql(  # type: ignore[override]  # list params: see _SqlNoParams
+        self,
+        compiler: SQLCompiler,
+        connection: BaseDatabaseWrapper,
+        function: str | None = None,
+        template: str | None = None,
+        arg_joiner: str | None = None,
+        **extra_context: Any,
+    ) -> _SqlNoParams:
         return "NULL", []  # unknown database: the converter falls back to the process clock
 
-    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list]:
+    def as_postgresql(
+        self, compiler: SQLCompiler, connection: BaseDatabaseWrapper, **extra_context: Any
+    ) -> _SqlNoParams:
         return _POSTGRESQL, []
 
-    def as_mysql(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list]:
+    def as_mysql(
+        self, compiler: SQLCompiler, connection: BaseDatabaseWrapper, **extra_context: Any
+    ) -> _SqlNoParams:
         return _MYSQL, []
 
-    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list]:
+    def as_sqlite(  # type: ignore[override]  # list params: see _SqlNoParams
+        self, compiler: SQLCompiler, connection: BaseDatabaseWrapper, **extra_context: Any
+    ) -> _SqlNoParams:
         return _SQLITE, []
 
     def get_db_converters(self, connection: Any) -> list[Any]:

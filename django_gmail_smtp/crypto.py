@@ -150,7 +150,7 @@ class EncryptedTextField(models.TextField):
         if isinstance(value, UnreadableSecret):
             return value.ciphertext
         if value in (None, ""):
-            return value or ""
+            return ""
         return self.get_prep_value(value)
 
     @staticmethod
