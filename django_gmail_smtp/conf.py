@@ -129,7 +129,7 @@ def _number(
     *, integer: bool = False, minimum: float | None = None, above: float | None = None
 ) -> Validator:
     """A real number (an int with ``integer``), never a bool or a string such as "30s"."""
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    kinds: tuple[type[float], ...] = (int,) if integer else (int, float)
 
     def validate(value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, kinds):
@@ -536,7 +536,8 @@ def legacy_email_setting(name: str, default: Any = None) -> Any:
     """
     if hasattr(settings, "MAILERS"):  # Django >= 6.1 style configuration
         return default
-    if not settings.is_overridden(name):
+    # LazySettings forwards is_overridden to Settings; the django-stubs plugin does not see it.
+    if not settings.is_overridden(name):  # type: ignore[misc]
         return default  # Django's defaults are empty; reading one warns on Django 6.1
     if DJANGO_61:
         # Django >= 6.1 warns about EMAIL_* settings once at startup; reading one here would

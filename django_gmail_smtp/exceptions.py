@@ -53,13 +53,17 @@ class GmailSMTPError(smtplib.SMTPException):
     Attributes: ``smtp_code`` and ``smtp_error`` (as on :class:`smtplib.SMTPResponseException`,
     ``None``/``b""`` when the error did not come from a reply), ``enhanced_code`` (``"5.7.8"``),
     ``account`` (the sender address, never a secret), ``phase`` (``"connect"``, ``"auth"``,
-    ``"mail"``, ``"rcpt"``, ``"data"``, ...), ``recipients`` (refused recipients, if any).
+    ``"mail"``, ``"rcpt"``, ``"data"``, ...), ``recipients`` (refused recipients, if any),
+    ``maybe_delivered`` (True only when Gmail may have kept the message: no reply to DATA's
+    final ".").
     """
 
     #: what a person should do about it; appended to the message
     hint: str = ""
     #: how the delivery pipeline treats it
     category: ErrorCategory = ErrorCategory.PERMANENT
+    #: set by the transport when the error came after the final "." and before Gmail's reply
+    maybe_delivered: bool = False
 
     def __init__(
         self,
@@ -112,7 +116,9 @@ def _rebuild(cls: type[GmailSMTPError], state: dict[str, Any]) -> GmailSMTPError
 # --- authentication --------------------------------------------------------------------------
 
 
-class AuthenticationError(GmailSMTPError, smtplib.SMTPAuthenticationError):
+# GmailSMTPError's smtp_code is None and its smtp_error bytes when no reply came (documented);
+# the stubs declare smtplib's as int and bytes | str.
+class AuthenticationError(GmailSMTPError, smtplib.SMTPAuthenticationError):  # type: ignore[misc]
     """Gmail refused the credentials; nothing is sent from this account until they are fixed."""
 
     category = ErrorCategory.AUTH
@@ -268,13 +274,15 @@ class MessageTooLarge(PermanentError):
     )
 
 
-class InvalidAddress(PermanentError, smtplib.SMTPRecipientsRefused):
+# recipients maps to (code, str) here, so it can be shown and stored as JSON; smtplib's has bytes.
+class InvalidAddress(PermanentError, smtplib.SMTPRecipientsRefused):  # type: ignore[misc]
     """553 5.1.3 / 555 5.5.2: an address is not valid."""
 
     hint = "Correct the address (user@example.com form, no spaces or line breaks)."
 
 
-class RecipientsRefused(PermanentError, smtplib.SMTPRecipientsRefused):
+# recipients: see InvalidAddress.
+class RecipientsRefused(PermanentError, smtplib.SMTPRecipientsRefused):  # type: ignore[misc]
     """Gmail refused every recipient of the message."""
 
     hint = "Check the recipient addresses listed."
@@ -289,7 +297,8 @@ class TooManyRecipients(PermanentError):
     )
 
 
-class SenderNotAllowed(PermanentError, smtplib.SMTPSenderRefused):
+# smtp_code and smtp_error: see AuthenticationError.
+class SenderNotAllowed(PermanentError, smtplib.SMTPSenderRefused):  # type: ignore[misc]
     """STRICT_FROM is on and no account can send as the message's From address (``.sender``)."""
 
     def __init__(self, message: str = "", *, sender: str = "", **kwargs: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -45,6 +45,8 @@ class Limits:
     recipients: int | None
     per_message: int
 
+
+_Limit = TypeVar("_Limit", bound="int | None")
 
 #: Gmail's published limits (they can change; every number is overridable per account)
 PRESETS: dict[str, Limits] = {
@@ -233,7 +235,7 @@ class GmailAccount(models.Model):
         """The effective limits: the preset's, with any number set on the account instead."""
         preset = PRESETS.get(self.limits_preset, PRESETS[LimitsPreset.GMAIL])
 
-        def pick(own: int | None, default: int | None) -> int | None:
+        def pick(own: int | None, default: _Limit) -> int | _Limit:
             return default if own is None else own
 
         return Limits(

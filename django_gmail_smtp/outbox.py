@@ -120,7 +120,8 @@ def store(
         size=len(envelope.data),
         from_rewritten=envelope.from_rewritten,
     )
-    message.gmail_outbound_id = row.pk
+    # A documented extra attribute on the caller's message (Django's class does not declare it).
+    message.gmail_outbound_id = row.pk  # type: ignore[attr-defined]
     signals.email_queued.send(OutboundEmail, outbound=row, message=message)
     transaction.on_commit(partial(dispatch, row.pk, row.priority), using=using)
     return row
@@ -154,7 +155,8 @@ def dispatch(outbound_id: int, priority: str, countdown: float | None = None) ->
             send_outbound_email.apply_async(
                 (outbound_id,),
                 queue=queue_name(priority),
-                countdown=countdown,
+                # Celery takes None (its default: no delay); celery-types declares a float.
+                countdown=countdown,  # type: ignore[arg-type]
                 retry=False,
                 producer=producer,
             )
@@ -478,6 +480,7 @@ def claim(outbound_id: int, worker: str) -> OutboundEmail | None:
         "next_attempt_at", "priority"
     )
     for next_attempt_at, priority in due:
+        assert next_attempt_at is not None  # the __lte filter never matches NULL
         dispatch(outbound_id, priority, countdown=(next_attempt_at - now).total_seconds())
     return None
 

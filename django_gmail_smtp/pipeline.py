@@ -172,7 +172,8 @@ class Pipeline:
                 )
                 envelope = alternative
         envelope.account.mark_sent()
-        message.gmail_status = {
+        # A documented extra attribute on the caller's message (Django's class does not declare it).
+        message.gmail_status = {  # type: ignore[attr-defined]
             "account": envelope.account.email,
             "reply": result.reply,
             "message_id": result.message_id,

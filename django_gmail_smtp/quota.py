@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, transaction
 from django.db.models import F, Sum
@@ -64,6 +64,12 @@ def set_clock(clock: Callable[[], datetime] | None) -> None:
     """Make the quota window use ``clock`` (tests); ``None`` restores the database's clock."""
     global _clock
     _clock = clock
+
+
+def _database_time(value: object) -> datetime:
+    # DatabaseNow's output_field is a BigIntegerField (what the SQL returns), so django-stubs
+    # types its value as int; its converter has made it a datetime by the time we see it.
+    return cast(datetime, value)
 
 
 def _at(database_time: datetime) -> datetime:
@@ -181,7 +187,8 @@ def _lock(address: str, db: str) -> _Head:
                 .annotate(database_time=DatabaseNow())
                 .values_list("id", "exhausted_until", "exhausted_reason", "database_time")
             )
-            return _Head(*row.get())
+            quota_id, exhausted_until, reason, database_time = row.get()
+            return _Head(quota_id, exhausted_until, reason, _database_time(database_time))
         try:
             with transaction.atomic(using=db):
                 SenderQuota.objects.using(db).create(address=address)
@@ -423,7 +430,7 @@ def quota_status(account: GmailAccount, options: SettingsLike = None) -> QuotaSt
         quota_id, exhausted_until, reason, at = None, None, "", now(options)
     else:
         quota_id, exhausted_until, reason, database_time = row
-        at = _at(database_time)
+        at = _at(_database_time(database_time))
     used = _used(quota_id, at, db) if quota_id else (0, 0)
     if exhausted_until is not None and exhausted_until <= at:
         exhausted_until, reason = None, ""

@@ -278,7 +278,8 @@ def _message_bytes(message: EmailMessage) -> tuple[bytes, str]:
             data = mime.as_bytes()
         else:  # Django < 6.0
             mime = message.message()
-            data = mime.as_bytes(linesep="\r\n")
+            # Django < 6.0's SafeMIME* classes take linesep; the stubs describe Django 6's message.
+            data = mime.as_bytes(linesep="\r\n")  # type: ignore[call-arg]
     except ValueError as exc:  # BadHeaderError is one (an alias of ValueError from Django 6.1)
         text = str(exc)
         injection = BadHeaderError is not ValueError and isinstance(exc, BadHeaderError)

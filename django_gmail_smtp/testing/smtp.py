@@ -23,7 +23,7 @@ import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
-from typing import Any, Literal, cast
+from typing import Any, AnyStr, Literal, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
@@ -169,10 +169,12 @@ class GmailSMTP(SMTP):
         self._live.discard(self)
         super().connection_lost(error)
 
-    async def push(self, status: str | bytes) -> None:
-        if self._reply_override is not None:
-            status, self._reply_override = self._reply_override, None
-        await super().push(status)
+    async def push(self, status: AnyStr) -> None:
+        override, self._reply_override = self._reply_override, None
+        if override is not None:
+            await super().push(override)
+        else:
+            await super().push(status)
 
     def _cancel_session(self) -> None:
         if self._handler_coroutine is not None:
@@ -188,7 +190,8 @@ class GmailSMTP(SMTP):
         """Drop the TCP connection at once, without a reply."""
         transport = self._original_transport or self.transport
         if transport is not None:
-            transport.abort()
+            # aiosmtpd types it as BaseTransport; a stream server's transport is always a Transport.
+            cast(asyncio.Transport, transport).abort()
         self._cancel_session()
 
     async def _reject(self, text: str) -> None:
@@ -369,7 +372,8 @@ class GmailSMTP(SMTP):
     async def _auth_succeeded(self, user: str, mechanism: str) -> None:
         assert self.session is not None
         self.session.authenticated = True
-        self.session.auth_data = user
+        # aiosmtpd's Session leaves auth_data unannotated (inferred None); it holds any value.
+        self.session.auth_data = user  # type: ignore[assignment]
         self._login = user
         self._mechanism = mechanism
         self._failed_auths = 0
@@ -380,7 +384,7 @@ class GmailSMTP(SMTP):
         """The client's base64 response: the initial one, or the answer to a 334 challenge."""
         if initial is None:
             response = await self.challenge_auth(challenge)
-            return None if response is MISSING else cast(bytes, response)
+            return None if response is MISSING else response
         if initial == "=":  # RFC 4954: an empty initial response
             return b""
         try:
@@ -571,7 +575,7 @@ class GmailSMTP(SMTP):
         assert self._login is not None
         self._sequence += 1
         message_id = f"{self._sid}.{self._sequence}"
-        message = cast(EmailMessage, BytesParser(policy=email.policy.default).parsebytes(data))
+        message = BytesParser(policy=email.policy.default).parsebytes(data)
         delivered = Delivered(
             mail_from=mail_from,
             rcpt_tos=rcpt_tos,

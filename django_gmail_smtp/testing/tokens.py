@@ -556,6 +556,10 @@ class _HTTPServer(ThreadingHTTPServer):
     authority: OAuthAuthority
 
 
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     server_version = "ESF"
@@ -655,9 +659,7 @@ class TokenServer:
         """Bind and start serving."""
         if self._httpd is not None:
             raise RuntimeError("the token server is already running")
-        server_class = _HTTPServer
-        if ":" in self._address[0]:
-            server_class = type("_HTTPServer6", (_HTTPServer,), {"address_family": socket.AF_INET6})
+        server_class = _HTTPServer6 if ":" in self._address[0] else _HTTPServer
         httpd = server_class(self._address, _Handler)
         httpd.authority = self.authority
         self._httpd = httpd
