@@ -288,11 +288,7 @@ def _message_bytes(message: EmailMessage) -> tuple[bytes, str]:
         raise InvalidMessage(f"The message cannot be built: {text}") from None
     except (HeaderParseError, IndexError, AttributeError):
         # The stdlib's address parser fails on some malformed addresses in extra headers.
-        raise InvalidMessage(
-            "The message cannot be built: an address in its headers cannot be read",
-            hint="Check the addresses in the To, Cc and Reply-To headers given in headers=... "
-            "(user@example.com form). Nothing was sent.",
-        ) from None
+        raise InvalidMessage(_UNREADABLE_ADDRESS, hint=_UNREADABLE_HINT) from None
     message_id = str(mime.get("Message-ID", "") or "")
     return data, message_id
 
@@ -353,6 +349,8 @@ def check_headers(message: EmailMessage) -> None:
                 "'-'), without spaces. Nothing was sent.",
             )
         _refuse_control_characters(f"The {name} header", value)
+        if name.lower() in _ADDRESS_HEADERS:
+            _check_address_header(str(value))
     _refuse_control_characters("The subject", message.subject)
     _refuse_control_characters("The From address", message.from_email)
     for label, addresses in (
@@ -363,6 +361,30 @@ def check_headers(message: EmailMessage) -> None:
     ):
         for address in addresses or ():
             _refuse_control_characters(f"The {label} address", address)
+
+
+_ADDRESS_HEADERS = frozenset({"to", "cc", "reply-to"})
+_UNREADABLE_ADDRESS = "The message cannot be built: an address in its headers cannot be read"
+_UNREADABLE_HINT = (
+    "Check the addresses in the To, Cc and Reply-To headers given in headers=... "
+    "(user@example.com form). Nothing was sent."
+)
+
+
+def _check_address_header(value: str) -> None:
+    """An address header given in ``headers=`` must parse, on every Django version (before
+    6.0 Django's message builder passes it through unread)."""
+    try:
+        parsed = AddressHeader.value_parser(value)
+        mailboxes = parsed.all_mailboxes
+    except (HeaderParseError, IndexError, AttributeError):
+        raise InvalidMessage(_UNREADABLE_ADDRESS, hint=_UNREADABLE_HINT) from None
+    if (
+        parsed.all_defects
+        or not mailboxes
+        or any(not m.domain or not m.local_part for m in mailboxes)
+    ):
+        raise InvalidMessage(_UNREADABLE_ADDRESS, hint=_UNREADABLE_HINT)
 
 
 def _refuse_control_characters(label: str, value: Any) -> None:

@@ -57,7 +57,19 @@ class OfferedLookupsOnly(_ModelAdminBase):
 
     # Django < 5.0 calls lookup_allowed(lookup, value) without the request.
     def lookup_allowed(self, lookup: str, value: Any, request: HttpRequest | None = None) -> bool:
-        return lookup in self.offered_lookups(request) and self._date_part_valid(lookup, value)
+        return (
+            lookup in self.offered_lookups(request)
+            and self._date_part_valid(lookup, value)
+            and self._id_valid(lookup, value)
+        )
+
+    def _id_valid(self, lookup: str, value: Any) -> bool:
+        # Django < 5.0 passes an out-of-range id to SQLite, which raises OverflowError (a 500
+        # for `?account__id__exact=99999999999999999999999`); no row has such an id.
+        if lookup == "pk" or lookup.endswith(("__id__exact", "__pk__exact", "id__exact")):
+            text = str(value)
+            return not text.isdecimal() or int(text) < 2**63
+        return True
 
     def _date_part_valid(self, lookup: str, value: Any) -> bool:
         # Django turns date_hierarchy parts into datetime() and catches only ValueError, so
