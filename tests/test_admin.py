@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
+import io
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import User
+from django.core.mail import send_mail
+from django.core.management import call_command
 from django.urls import reverse
 
+from django_gmail_smtp import outbox
 from django_gmail_smtp.models import GmailAccount, OutboundEmail
 
 from .conftest import APP_PASSWORD, SENDER
+from .factories import queued_row, staff_user
 
 pytestmark = pytest.mark.django_db
 
 SECRETS = (APP_PASSWORD, "abcd efgh ijkl mnop", "client-secret-xyz", "1//refresh-token-abc")
-
-
-@pytest.fixture
-def staff(client):
-    user = User.objects.create_superuser("admin", "admin@example.net", "pw")
-    client.force_login(user)
-    return user
-
-
-def limited_user(client, *codenames):
-    user = User.objects.create_user("clerk", "clerk@example.net", "pw", is_staff=True)
-    for codename in codenames:
-        user.user_permissions.add(Permission.objects.get(codename=codename))
-    client.force_login(user)
-    return user
 
 
 def test_changelist_shows_health_quota_and_last_send(client, staff, account, sandbox):
@@ -124,6 +114,17 @@ def test_pause_and_resume(client, staff, account):
         assert account.is_active is active
 
 
+def test_resuming_in_the_form_releases_paused_mail(client, staff, account, pool, no_dispatch):
+    account.is_active = False
+    account.save()
+    row = queued_row(account)  # queued for the paused account: it waits, it is not refused
+    assert outbox.deliver(row.pk, pool=pool) == "deferred"
+    url = reverse("admin:django_gmail_smtp_gmailaccount_change", args=[account.pk])
+    data = {"email": SENDER, "auth_method": "app_password", "limits_preset": "gmail"}
+    assert client.post(url, {**data, "is_active": "on", "is_default": "on"}).status_code == 302
+    assert OutboundEmail.objects.get(pk=row.pk).next_attempt_at is not None
+
+
 def test_connect_with_google_flow(client, staff, sandbox, make_account, settings):
     """Start -> the sandbox's consent stand-in -> callback: the refresh token is stored."""
     sandbox.add_oauth_client("client-1", "client-secret-xyz")
@@ -183,7 +184,7 @@ def test_connect_behind_proxy_builds_public_redirect_uri(
 
 
 def test_permissions_gate_connect_and_send_test(client, account, sandbox):
-    limited_user(client, "view_gmailaccount")
+    client.force_login(staff_user("clerk", "view_gmailaccount"))
     change = reverse("admin:django_gmail_smtp_gmailaccount_change", args=[account.pk])
     page = client.get(change).content.decode()
     assert ">Connect with Google</button>" not in page and "Send test message" not in page
@@ -210,13 +211,20 @@ def test_dashboard_renders_svg_charts(client, staff, account, sandbox):
     assert "2 messages" not in page and "1 messages" in page and "2 recipients" in page
 
 
-def test_outbox_list_search_preview_and_actions(client, staff, account, sandbox, monkeypatch):
+def test_admin_pages_without_use_tz(client, settings, account, sandbox):
+    settings.USE_TZ = False
+    send_mail("s", "b", SENDER, ["t@example.net"])
+    client.force_login(User.objects.create_superuser("a", "a@example.net", "pw"))
+    assert client.get(reverse("admin:django_gmail_smtp_gmailaccount_changelist")).status_code == 200
+    assert client.get(reverse("admin:django_gmail_smtp_dashboard")).status_code == 200
+    call_command("gmail_smtp", "quota", stdout=io.StringIO())
+
+
+def test_outbox_list_search_preview_and_actions(client, staff, account, sandbox, no_dispatch):
     from django.core.mail import EmailMultiAlternatives
 
-    from django_gmail_smtp import outbox
     from django_gmail_smtp.backends import CeleryGmailBackend
 
-    monkeypatch.setattr(outbox, "dispatch", lambda pk, priority, countdown=None: True)
     message = EmailMultiAlternatives("Invoice 42", "text body", SENDER, ["bob@example.net"])
     message.attach_alternative('<p onclick="x()">Hi<script>alert(1)</script></p>', "text/html")
     message.attach("invoice.pdf", b"%PDF-1.4", "application/pdf")
@@ -238,61 +246,6 @@ def test_outbox_list_search_preview_and_actions(client, staff, account, sandbox,
     client.post(changelist, {"action": "cancel", "_selected_action": [row.pk]})
     row.refresh_from_db()
     assert row.status == "cancelled"
-
-
-@pytest.mark.django_db(transaction=True)
-def test_authorize_command_loopback_flow(sandbox, settings):
-    """`gmail_smtp authorize EMAIL` runs the consent flow with a loopback redirect."""
-    import io
-    import re
-    import threading
-    import time
-
-    from django.core.management import call_command
-
-    sandbox.add_user("new@example.com", app_password=APP_PASSWORD)
-    sandbox.add_oauth_client("desktop-client", "desktop-secret")
-    out = io.StringIO()
-    errors = []
-
-    def run():
-        try:
-            call_command(
-                "gmail_smtp",
-                "authorize",
-                "new@example.com",
-                "--client-id",
-                "desktop-client",
-                "--client-secret",
-                "desktop-secret",
-                "--no-browser",
-                "--timeout",
-                "20",
-                stdout=out,
-            )
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while "http" not in out.getvalue() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    url = re.search(r"(http://\S+/authorize\?\S+)", out.getvalue()).group(1)
-    # The "browser": the sandbox consents and redirects to the command's loopback server.
-    page = requests.get(url, timeout=5)
-    assert "You can close this tab" in page.text
-    thread.join(20)
-    assert not errors, errors
-    account = GmailAccount.objects.get(email="new@example.com")
-    assert account.auth_method == "oauth2" and account.refresh_token
-    assert "Connected new@example.com with Google" in out.getvalue()
-    # The account now sends through XOAUTH2.
-    from django.core.mail import send_mail
-
-    settings.EMAIL_BACKEND = "django_gmail_smtp.backends.GmailSMTPBackend"
-    assert send_mail("s", "b", "new@example.com", ["t@example.net"]) == 1
-    assert sandbox.deliveries[0].user == "new@example.com"
 
 
 def test_list_actions_verify_pause_resume(client, staff, account, sandbox):
@@ -325,17 +278,6 @@ def row_html(page: str, pk: int) -> str:
     return match.group(0)
 
 
-def queued_through_celery(account, monkeypatch, subject="Hello") -> OutboundEmail:
-    from django.core.mail import EmailMessage
-
-    from django_gmail_smtp import outbox
-    from django_gmail_smtp.backends import CeleryGmailBackend
-
-    monkeypatch.setattr(outbox, "dispatch", lambda pk, priority, countdown=None: True)
-    CeleryGmailBackend().send_messages([EmailMessage(subject, "b", SENDER, ["to@example.net"])])
-    return OutboundEmail.objects.get(subject=subject)
-
-
 def test_quota_column_says_room_now_and_the_next_slot_only_at_the_limit(
     client, staff, account, sandbox
 ):
@@ -359,10 +301,10 @@ def test_quota_column_says_room_now_and_the_next_slot_only_at_the_limit(
     assert "Next slot frees" in page and "Room now" not in page
 
 
-def test_outbox_attempts_count_the_log(client, staff, account, sandbox, monkeypatch):
+def test_outbox_attempts_count_the_log(client, staff, account, sandbox, no_dispatch):
     from django_gmail_smtp.tasks import send_outbound_email
 
-    row = queued_through_celery(account, monkeypatch)
+    row = queued_row(account)
     send_outbound_email(row.pk)  # the task's code, in this process, over the sandbox
     row.refresh_from_db()
     assert row.status == OutboundEmail.Status.SENT and row.log.count() == 1
@@ -375,12 +317,12 @@ def test_outbox_attempts_count_the_log(client, staff, account, sandbox, monkeypa
     assert "1 (see the log below)" in detail.content.decode()
 
 
-def test_outbox_row_shows_every_date_in_one_format(client, staff, account, sandbox, monkeypatch):
+def test_outbox_row_shows_every_date_in_one_format(client, staff, account, sandbox, no_dispatch):
     import re
 
     from django_gmail_smtp.tasks import send_outbound_email
 
-    row = queued_through_celery(account, monkeypatch)
+    row = queued_row(account)
     send_outbound_email(row.pk)
     page = client.get(reverse("admin:django_gmail_smtp_outboundemail_changelist")).content
     html = row_html(page.decode(), row.pk)
@@ -394,31 +336,31 @@ def test_outbox_row_shows_every_date_in_one_format(client, staff, account, sandb
     assert re.fullmatch(DATE, attempt_at.strip()), attempt_at
 
 
-def test_outbox_footer_counts_outbound_emails(client, staff, account, sandbox, monkeypatch):
+def test_outbox_footer_counts_outbound_emails(client, staff, account, sandbox, no_dispatch):
     changelist = reverse("admin:django_gmail_smtp_outboundemail_changelist")
-    queued_through_celery(account, monkeypatch, "one")
+    queued_row(account, subject="one")
     assert "1 outbound email<" in client.get(changelist).content.decode()
-    queued_through_celery(account, monkeypatch, "two")
+    queued_row(account, subject="two")
     page = client.get(changelist).content.decode()
     assert "2 outbound emails" in page and "2 outbox" not in page
     # The app index still calls the list "Outbox".
     assert ">Outbox<" in client.get(reverse("admin:index")).content.decode()
 
 
-def test_outbox_flags_mail_waiting_too_long(client, staff, account, sandbox, monkeypatch):
+def test_outbox_flags_mail_waiting_too_long(client, staff, account, sandbox, no_dispatch):
     from datetime import timedelta
 
     from django.utils import timezone
 
     changelist = reverse("admin:django_gmail_smtp_outboundemail_changelist")
-    queued_through_celery(account, monkeypatch, "fresh")
+    queued_row(account, subject="fresh")
     page = client.get(changelist).content.decode()
     assert "waiting longer than expected" not in page  # just queued: nothing to say
 
-    stuck = queued_through_celery(account, monkeypatch, "stuck")
+    stuck = queued_row(account, subject="stuck")
     hour_ago = timezone.now() - timedelta(hours=1)
     OutboundEmail.objects.filter(pk=stuck.pk).update(created_at=hour_ago, updated_at=hour_ago)
-    late = queued_through_celery(account, monkeypatch, "late")
+    late = queued_row(account, subject="late")
     OutboundEmail.objects.filter(pk=late.pk).update(
         status=OutboundEmail.Status.DEFERRED, reason="retry", next_attempt_at=hour_ago
     )

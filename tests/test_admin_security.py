@@ -12,11 +12,12 @@ from urllib.parse import urlencode
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.mail import EmailMessage
-from django.db import connection
 from django.urls import reverse
 
 from django_gmail_smtp.crypto import EncryptedTextField
 from django_gmail_smtp.models import GmailAccount, OutboundEmail
+
+from .factories import queued_row, raw_columns, staff_user
 
 pytestmark = pytest.mark.django_db
 
@@ -32,32 +33,11 @@ VIEW_ONLY = ("view_gmailaccount", "view_outboundemail")
 STORED, NOT_SET = "Stored (encrypted)", "Not set"  # all a page may say about a secret
 
 
-def staff_user(name: str, *codenames: str, superuser: bool = False) -> User:
-    if superuser:
-        return User.objects.create_superuser(name, f"{name}@example.net", "pw")
-    user = User.objects.create_user(name, f"{name}@example.net", "pw", is_staff=True)
-    for codename in codenames:
-        user.user_permissions.add(Permission.objects.get(codename=codename))
-    return user
-
-
 USERS = {
     "superuser": lambda: staff_user("root", superuser=True),
     "viewer": lambda: staff_user("viewer", *VIEW_ONLY),
     "no_permission": lambda: staff_user("nobody"),
 }
-
-
-def raw_secret_columns(account: GmailAccount) -> list[str]:
-    """The encrypted fields as stored (ciphertext), read past the field's decryption."""
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(name) for name in ENCRYPTED)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {columns} FROM {quote(GmailAccount._meta.db_table)} WHERE id = %s",
-            [account.pk],
-        )
-        return [value for value in cursor.fetchone() if value]
 
 
 @pytest.fixture
@@ -96,7 +76,7 @@ def forbidden_strings(accounts: dict[str, GmailAccount]) -> list[str]:
     found: set[str] = set()
     for account in accounts.values():
         found.update(str(getattr(account, name)) for name in ENCRYPTED)
-        found.update(raw_secret_columns(account))
+        found.update(value for value in raw_columns(account, *ENCRYPTED).values() if value)
         if account.service_account_key:
             pem = json.loads(account.service_account_key)["private_key"]
             found.update(line for line in pem.splitlines() if len(line) > 40)
@@ -368,3 +348,17 @@ def test_outbox_search_reaches_bodies_only_with_view_body(client, outbound, who)
     # What every viewer sees anyway stays searchable.
     for term in ("victim@example.net", "Password"):
         assert "Password reset" in get(client, OUTBOX_URL, {"q": term}).content.decode()
+
+
+def test_outbox_bodies_hidden_without_their_permission(client, account, no_dispatch):
+    """Reset links in stored bodies must not be readable with only the view permission."""
+    row = queued_row(account, subject="Reset your password")
+    user = staff_user("viewer", "view_outboundemail")
+    client.force_login(user)
+    url = reverse("admin:django_gmail_smtp_outboundemail_change", args=[row.pk])
+    page = client.get(url).content.decode()
+    assert "Hidden: message bodies hold" in page and "srcdoc" not in page
+    user.user_permissions.add(Permission.objects.get(codename="view_body_outboundemail"))
+    user = User.objects.get(pk=user.pk)  # drop the permission cache
+    client.force_login(user)
+    assert '<pre class="gms-text">b' in client.get(url).content.decode()

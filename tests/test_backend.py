@@ -14,7 +14,7 @@ from django.core.mail import EmailMessage, EmailMultiAlternatives, get_connectio
 from django_gmail_smtp.backends import GmailSMTPBackend
 from django_gmail_smtp.models import GmailAccount
 
-from .conftest import ALIAS, SENDER
+from .conftest import ALIAS, APP_PASSWORD, SENDER
 
 pytestmark = pytest.mark.django_db
 
@@ -107,6 +107,15 @@ def test_app_password_spaces_ignored(sandbox, make_account):
     acct = make_account(sandbox, app_password="abcd efgh ijkl mnop")
     assert acct.app_password == "abcdefghijklmnop"
     assert send_mail("s", "b", SENDER, ["to@example.net"]) == 1
+
+
+def test_idn_account_logs_in_with_its_idna_name(sandbox, settings):
+    sandbox.add_user("info@xn--bcher-kva.example", app_password=APP_PASSWORD)
+    GmailAccount.objects.create(
+        email="info@bücher.example", app_password=APP_PASSWORD, is_default=True
+    )
+    assert send_mail("s", "b", "info@bücher.example", ["t@example.net"]) == 1
+    assert sandbox.deliveries[0].user == "info@xn--bcher-kva.example"
 
 
 def test_alias_from_routes_to_owner_and_keeps_from(account, sandbox, make_account):

@@ -6,8 +6,6 @@ shares the test database (SQLite file or PostgreSQL).
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from django.core.mail import EmailMessage, send_mail
 from django.db import transaction
@@ -16,81 +14,17 @@ from django_gmail_smtp import outbox
 from django_gmail_smtp.models import OutboundEmail
 
 from .conftest import SENDER
-from .processes import CeleryWorker, wait_for
+from .factories import all_sent, broker_down, wait_until
+from .processes import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 Status = OutboundEmail.Status
-FAST = {
-    "RETRY_BASE_DELAY": 0.2,
-    "RETRY_MAX_DELAY": 1,
-    "SWEEP_GRACE": 1,
-    "SWEEP_INTERVAL": 1,
-    "SENDING_LEASE": 3,
-}
-
-
-@pytest.fixture
-def queues():
-    """Queue names of this test alone, so no task of an earlier test reaches its workers."""
-    tag = uuid.uuid4().hex[:8]
-    return {"transactional": f"gmail_smtp.transactional.{tag}", "bulk": f"gmail_smtp.bulk.{tag}"}
-
-
-@pytest.fixture
-def celery_settings(settings, sandbox, queues):
-    settings.EMAIL_BACKEND = "django_gmail_smtp.backends.CeleryGmailBackend"
-    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, **FAST, "QUEUES": queues}
-    return settings
-
-
-@pytest.fixture
-def start_worker(celery_settings, queues, tmp_path):
-    workers = []
-
-    def start(*, queues_served=("transactional", "bulk"), **kwargs) -> CeleryWorker:
-        name = kwargs.setdefault("name", f"w{len(workers) + 1}")
-        kwargs["queues"] = ",".join(queues[q] for q in queues_served)
-        worker = CeleryWorker(log_path=tmp_path / f"{name}.log", **kwargs)
-        workers.append(worker)
-        return worker.wait_ready()
-
-    yield start
-    for worker in workers:
-        worker.stop()
-    _forget_queues(queues)
-
-
-def _forget_queues(queues):
-    """Remove this test's queues' bindings from Redis (kombu keeps them per queue name)."""
-    from django.conf import settings
-
-    if not settings.CELERY_BROKER_URL.startswith("redis"):
-        return
-    import redis
-
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    for name in queues.values():
-        keys = list(client.scan_iter(f"*{name}*"))
-        if keys:
-            client.delete(*keys)
-
-
-def wait_until(predicate, timeout=30.0, what="condition"):
-    def state():
-        fields = ("pk", "status", "reason", "attempts", "last_error")
-        return f"{what}; outbox: {list(OutboundEmail.objects.values(*fields))}"
-
-    wait_for(predicate, timeout, state)
 
 
 def tasks_finished(worker, n):
     """True once the worker has run ``n`` tasks to the end (polled, never slept for)."""
     return lambda: worker.log().count("] succeeded in ") >= n
-
-
-def all_sent(n):
-    return lambda: OutboundEmail.objects.filter(status=Status.SENT).count() == n
 
 
 def test_worker_sends_queued_mail_once(account, sandbox, start_worker):
@@ -203,18 +137,8 @@ def test_expired_access_token_is_refreshed(sandbox, start_worker, db):
 
 
 def test_broker_down_then_sweeper_sends(account, sandbox, start_worker):
-    from tests.celery_app import app
-
-    old = app.conf.broker_url
-    app.conf.broker_url = "redis://127.0.0.1:9/0"  # nothing listens there
-    app._pool = None
-    app.amqp._producer_pool = None
-    try:
+    with broker_down():
         assert send_mail("broker down", "b", SENDER, ["to@example.net"]) == 1
-    finally:
-        app.conf.broker_url = old
-        app._pool = None
-        app.amqp._producer_pool = None
     row = OutboundEmail.objects.get()
     assert row.status == Status.QUEUED and row.enqueued_at is None
     start_worker(beat=True)  # the beat schedule runs the sweeper

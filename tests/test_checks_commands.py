@@ -164,6 +164,22 @@ def test_no_w003_with_encryption_keys(backend, settings):
     assert "django_gmail_smtp.W003" not in check_ids()
 
 
+def test_atomic_requests_check_warns_about_the_ledger(settings):
+    from django.core.checks import run_checks
+
+    settings.EMAIL_BACKEND = "django_gmail_smtp.backends.GmailSMTPBackend"
+    settings.DATABASES = {
+        **settings.DATABASES,
+        "default": {**settings.DATABASES["default"], "ATOMIC_REQUESTS": True},
+    }
+    ids = {m.id for m in run_checks()}
+    expected = "django_gmail_smtp.W006"
+    if "sqlite" in settings.DATABASES["default"]["ENGINE"]:
+        assert expected not in ids
+    else:
+        assert expected in ids
+
+
 # --- gmail_smtp check ------------------------------------------------------------------------
 
 

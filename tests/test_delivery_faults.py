@@ -33,12 +33,11 @@ from django_gmail_smtp.exceptions import (
     TemporaryError,
 )
 from django_gmail_smtp.models import GmailAccount, OutboundAttempt, OutboundEmail
-from django_gmail_smtp.testing import GmailSandbox
 from django_gmail_smtp.testing.server import GMAIL_SIZE_LIMIT, GmailSMTP
-from django_gmail_smtp.transport import ConnectionPool
+from django_gmail_smtp.transport import ConnectionPool, SendResult
 
-from .conftest import SENDER, _wire
-from .test_celery_worker import celery_settings, queues, start_worker  # noqa: F401  (fixtures)
+from .conftest import SENDER
+from .factories import make_due, queued_row, wait_until, with_keys
 
 pytestmark = pytest.mark.django_db
 
@@ -49,32 +48,6 @@ SLOW = "450 4.2.1 The user you are trying to contact is receiving mail too quick
 # --- fixtures and helpers ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def outbox_settings(settings, sandbox):
-    settings.EMAIL_BACKEND = "django_gmail_smtp.backends.CeleryGmailBackend"
-    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "RETRY_BASE_DELAY": 10, "MAX_ATTEMPTS": 4}
-    return settings
-
-
-@pytest.fixture
-def dispatched(monkeypatch):
-    """Row ids handed to Celery (and their countdowns), instead of a broker."""
-    calls: list[tuple[int, float | None]] = []
-    monkeypatch.setattr(
-        outbox,
-        "dispatch",
-        lambda pk, priority, countdown=None: calls.append((pk, countdown)) or True,
-    )
-    return calls
-
-
-@pytest.fixture
-def pool():
-    p = ConnectionPool()
-    yield p
-    p.close()
-
-
 def queue(*messages: EmailMessage) -> list[OutboundEmail]:
     assert CeleryGmailBackend().send_messages(list(messages)) == len(messages)
     return [OutboundEmail.objects.get(pk=m.gmail_outbound_id) for m in messages]
@@ -82,10 +55,6 @@ def queue(*messages: EmailMessage) -> list[OutboundEmail]:
 
 def message(subject: str = "s", to: list[str] | None = None) -> EmailMessage:
     return EmailMessage(subject, "body", SENDER, to or ["to@example.net"])
-
-
-def make_due(row: OutboundEmail) -> None:
-    OutboundEmail.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
 
 
 def raw_connection():
@@ -242,15 +211,6 @@ def test_a_database_that_stays_down_is_reported_as_accepted_by_gmail(
     assert OutboundEmail.objects.get(pk=row.pk).status == Status.SENDING
 
 
-def poll(condition, timeout: float = 30.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            rows = list(OutboundEmail.objects.values("pk", "status", "attempts", "last_error"))
-            raise AssertionError(f"timed out waiting for {what}; outbox: {rows}")
-        time.sleep(0.05)
-
-
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.skipif(
@@ -260,7 +220,7 @@ def poll(condition, timeout: float = 30.0, what: str = "the condition"):
 def test_worker_whose_database_connection_is_terminated_after_250_sends_once(
     account,
     sandbox,
-    start_worker,  # noqa: F811  (the fixture imported above)
+    start_worker,
 ):
     """A real worker: its PostgreSQL connections are terminated while Gmail's 250 is on its way.
     The worker records ``sent`` on a new connection; the sweeper (lease 3 s) finds nothing to
@@ -271,7 +231,7 @@ def test_worker_whose_database_connection_is_terminated_after_250_sends_once(
     start_worker(beat=True, env={"GMAIL_SMTP_TEST_DB": json.dumps(db, default=str)})
     held = sandbox.fault("after_data", reply=None, delay=2)  # the body is in; the 250 waits
     send_mail("terminated", "b", SENDER, ["to@example.net"])
-    poll(lambda: held.fired == 1, what="the worker to upload the message")
+    wait_until(lambda: held.fired == 1, what="the worker to upload the message")
     killer = raw_connection()
     try:
         cursor = killer.cursor()
@@ -282,18 +242,30 @@ def test_worker_whose_database_connection_is_terminated_after_250_sends_once(
         assert cursor.fetchall(), "the worker had no database connection to terminate"
     finally:
         killer.close()
-    poll(lambda: OutboundEmail.objects.filter(status=Status.SENT).exists(), what="sent")
+    wait_until(lambda: OutboundEmail.objects.filter(status=Status.SENT).exists(), what="sent")
     row = OutboundEmail.objects.get()
     assert [a.outcome for a in row.log.all()] == [OutboundAttempt.Outcome.SENT]
     assert row.attempts == 0 and len(sandbox.deliveries) == 1
     assert account.quota_status().messages_used == 1
 
 
+def test_send_that_outlasted_its_lease_is_recorded_as_sent(account, no_dispatch):
+    row = queued_row(account)
+    claimed = outbox.claim(row.pk, "w1")
+    OutboundEmail.objects.filter(pk=row.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    outbox.sweep()  # the sweeper re-queues the row while the worker is still sending
+    assert OutboundEmail.objects.get(pk=row.pk).status == Status.QUEUED
+    outbox.OutboxRecord(claimed, "w1").sent(account, SendResult("2.0.0 OK 1 x - gsmtp"))
+    assert OutboundEmail.objects.get(pk=row.pk).status == Status.SENT
+
+
 # --- item 7: when in doubt, the quota stays counted ----------------------------------------------
 
 
 @pytest.fixture
-def keeping_sandbox(settings, monkeypatch):
+def keeping_sandbox(settings, monkeypatch, make_sandbox):
     """A sandbox that, as planned per message, keeps it but never answers its final "."
     ("timeout": the reply comes after the client gave up; "drop": the connection drops)."""
     plan: list[str] = []
@@ -316,11 +288,10 @@ def keeping_sandbox(settings, monkeypatch):
         await push(self, status)
 
     monkeypatch.setattr(GmailSMTP, "push", push_or_drop)
-    with GmailSandbox(on_delivery=on_delivery) as sb:
-        _wire(sb, settings)
-        settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "TIMEOUT": 2}
-        sb.plan = plan
-        yield sb
+    sb = make_sandbox(on_delivery=on_delivery)
+    with_keys(settings, TIMEOUT=2)
+    sb.plan = plan
+    return sb
 
 
 def test_outbox_keeps_the_quota_of_messages_gmail_kept_without_a_reply(
@@ -368,9 +339,8 @@ def test_sync_backend_keeps_the_quota_of_a_message_gmail_kept_without_a_reply(
 
 
 @pytest.fixture(params=[True, False], ids=["pipelining", "stepwise"])
-def any_sandbox(request, settings):
-    with GmailSandbox(pipelining=request.param) as sb:
-        yield _wire(sb, settings)
+def any_sandbox(request, make_sandbox):
+    return make_sandbox(pipelining=request.param)
 
 
 @pytest.mark.parametrize(

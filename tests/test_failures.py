@@ -32,7 +32,8 @@ from django_gmail_smtp.exceptions import (
 from django_gmail_smtp.models import GmailAccount
 from django_gmail_smtp.testing import GmailSandbox, Replies
 
-from .conftest import APP_PASSWORD, SENDER, _wire
+from .conftest import APP_PASSWORD, SENDER
+from .factories import auth_attempts, wire
 
 pytestmark = pytest.mark.django_db
 
@@ -51,17 +52,15 @@ def _health(account: GmailAccount) -> str:
 
 
 @pytest.fixture
-def small_sandbox(settings):
+def small_sandbox(make_sandbox):
     """A sandbox that advertises (and enforces) a 2,000-byte SIZE limit."""
-    with GmailSandbox(size_limit=2000) as sb:
-        yield _wire(sb, settings)
+    return make_sandbox(size_limit=2000)
 
 
 @pytest.fixture
-def idle_closing_sandbox(settings):
+def idle_closing_sandbox(make_sandbox):
     """A sandbox that closes connections idle for half a second, as Gmail does after a while."""
-    with GmailSandbox(timeout=0.5) as sb:
-        yield _wire(sb, settings)
+    return make_sandbox(timeout=0.5)
 
 
 # --- authentication --------------------------------------------------------------------------
@@ -207,6 +206,19 @@ def test_drop_after_data_is_not_retried_on_a_kept_open_connection(account, sandb
             connection.send_messages([EmailMessage("two", "b", SENDER, [TO])])
     assert [d.subject for d in sandbox.deliveries] == ["one"]
     assert sandbox.stats.connections == 1
+
+
+def test_maybe_delivered_is_false_on_errors_gmail_answered(account, sandbox):
+    """The transport documents ``maybe_delivered = False`` on every error except a missing reply
+    to DATA's final "."; only that path set it, so reading it elsewhere raised AttributeError."""
+    sandbox.bad_recipients.add("nobody@example.net")
+    with pytest.raises(RecipientsRefused) as refused:
+        EmailMessage("s", "b", SENDER, ["nobody@example.net"]).send()
+    assert refused.value.maybe_delivered is False
+    sandbox.fault("data", drop=True)  # before the body: Gmail cannot have the message
+    with pytest.raises(TemporaryError) as dropped:
+        send_mail("s", "b", SENDER, ["to@example.net"])
+    assert dropped.value.maybe_delivered is False
 
 
 def test_kept_open_connection_closed_by_server_reconnects(idle_closing_sandbox, make_account):
@@ -387,14 +399,9 @@ def test_batch_with_one_refused_message_raises_without_fail_silently(account, sa
 
 
 @pytest.fixture(params=[True, False], ids=["pipelined", "stepwise"])
-def any_sandbox(request, settings):
+def any_sandbox(request, make_sandbox):
     """A sandbox that offers PIPELINING, and one that does not (each path of the transport)."""
-    from django_gmail_smtp.testing import GmailSandbox
-
-    with GmailSandbox(pipelining=request.param) as sb:
-        settings.EMAIL_BACKEND = "django_gmail_smtp.backends.GmailSMTPBackend"
-        settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, **sb.settings()}
-        yield sb
+    return make_sandbox(pipelining=request.param)
 
 
 @pytest.mark.parametrize(
@@ -471,11 +478,6 @@ def test_signals_from_the_sync_backend(sandbox, make_account):
 # --- settings and connection errors that name their cause ---------------------------------------
 
 SYNC = "django_gmail_smtp.backends.GmailSMTPBackend"
-
-
-def _auth_attempts(sb: GmailSandbox) -> int:
-    stats = sb.stats
-    return stats.logins + stats.auth_failures + stats.plaintext_auth_attempts
 
 
 @pytest.fixture(params=["sync", "celery"])
@@ -559,7 +561,7 @@ def test_ssl_against_a_starttls_port_names_the_mismatch(account, sandbox, settin
     assert expected in text
     assert "CA_FILE" not in text and "certificate" not in text
     assert text.lower().count("no credentials were sent") == 1
-    assert _auth_attempts(sandbox) == 0 and sandbox.deliveries == []
+    assert auth_attempts(sandbox) == 0 and sandbox.deliveries == []
 
 
 def test_connect_timeout_is_not_reported_as_a_closed_connection(
@@ -600,12 +602,12 @@ def test_untrusted_certificate_says_no_credentials_were_sent_once(
         text = row.last_error
     assert text.lower().count("no credentials were sent") == 1
     assert "CA_FILE" in text
-    assert _auth_attempts(sb) == 0 and sb.deliveries == []
+    assert auth_attempts(sb) == 0 and sb.deliveries == []
 
 
 def test_server_without_starttls_says_no_credentials_were_sent_once(make_account, settings):
     with GmailSandbox(security="starttls", offer_starttls=False) as sb:
-        _wire(sb, settings)
+        wire(sb, settings)
         make_account(sb)
         error = _attempt("sync")
         assert "STARTTLS" in str(error)

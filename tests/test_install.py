@@ -140,3 +140,39 @@ def test_readme_install_sends_a_password_reset(wheel, tmp_path, django, pythons,
     assert delivered.user == USER
     assert delivered.rcpt_tos == ["alice@example.com"]
     assert b"Password reset" in delivered.data
+
+
+def test_sdist_runs_its_own_tests(tmp_path):
+    """The sdist carries what its tests need (conftest, settings, helpers, the example
+    project), and a test module runs from the unpacked sdist."""
+    import tarfile
+
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "-o", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (sdist,) = tmp_path.glob("django_gmail_smtp-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path, filter="data")
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    for needed in (
+        "LICENSE",
+        "CHANGELOG.md",
+        "django_gmail_smtp/py.typed",
+        "tests/conftest.py",
+        "tests/settings.py",
+        "tests/processes.py",
+        "tests/celery_app.py",
+        "example_project/manage.py",
+    ):
+        assert needed in names, f"{needed} is missing from the sdist"
+    unpacked = next(p for p in tmp_path.iterdir() if p.is_dir())
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_backend.py"],
+        cwd=unpacked,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

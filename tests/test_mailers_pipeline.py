@@ -30,6 +30,7 @@ from django_gmail_smtp.quota import quota_status
 from django_gmail_smtp.testing import GmailSandbox
 
 from .conftest import APP_PASSWORD, SENDER
+from .factories import FAST, all_sent, outbox_state, with_keys
 from .processes import CeleryWorker, wait_for
 
 pytestmark = pytest.mark.django_db
@@ -43,13 +44,8 @@ on_postgresql = pytest.mark.skipif(
     reason="QUOTA_DATABASE needs a second alias of a server database (the 'ledger' alias of "
     "tests/settings.py exists on PostgreSQL only)",
 )
-FAST = {
-    "RETRY_BASE_DELAY": 0.2,
-    "RETRY_MAX_DELAY": 1,
-    "SWEEP_GRACE": 1,
-    "SWEEP_INTERVAL": 1,
-    "SENDING_LEASE": 30,
-}
+#: a lease longer than the 3 s the slow-greeting test waits for
+WORKER = {**FAST, "SENDING_LEASE": 30}
 
 
 @pytest.fixture
@@ -307,15 +303,10 @@ def test_both_backends_and_the_task_go_through_one_pipeline(
 
 
 @pytest.fixture
-def queues():
-    tag = uuid.uuid4().hex[:8]
-    return {"transactional": f"gmail_smtp.transactional.{tag}", "bulk": f"gmail_smtp.bulk.{tag}"}
-
-
-@pytest.fixture
 def start_worker(settings, sandbox, queues, tmp_path):
-    """Start a Celery worker that has the test's GMAIL_SMTP and MAILERS (set them first)."""
-    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, **FAST, "QUEUES": queues}
+    """Start a Celery worker that has the test's GMAIL_SMTP and MAILERS (set them first):
+    ``tests.settings_mailers``, where the shared ``start_worker`` has ``tests.settings``."""
+    with_keys(settings, **WORKER, QUEUES=queues)
     workers = []
 
     def start(**env: str) -> CeleryWorker:
@@ -336,15 +327,6 @@ def start_worker(settings, sandbox, queues, tmp_path):
         worker.stop()
 
 
-def sent_rows(n):
-    return lambda: OutboundEmail.objects.filter(status=OutboundEmail.Status.SENT).count() == n
-
-
-def outbox_state():
-    fields = ("pk", "status", "mailer", "attempts", "last_error")
-    return f"outbox: {list(OutboundEmail.objects.values(*fields))}"
-
-
 @pytest.mark.integration
 @needs_mailers
 @pytest.mark.django_db(transaction=True)
@@ -357,7 +339,7 @@ def test_worker_delivers_through_a_mailers_entry_to_its_server(
     }
     start_worker()
     assert mail.mailers["second"].send_messages([message("via MAILERS")]) == 1
-    wait_for(sent_rows(1), 60, outbox_state)
+    wait_for(all_sent(1), 60, outbox_state)
     assert [d.subject for d in second.deliveries] == ["via MAILERS"]
     assert sandbox.deliveries == []
     assert OutboundEmail.objects.get().mailer == "second"
@@ -373,7 +355,7 @@ def test_worker_delivers_through_keyword_arguments_to_their_server(
     start_worker()
     backend = CeleryGmailBackend(alias="second", **options_of(second))
     assert backend.send_messages([message("via keyword arguments")]) == 1
-    wait_for(sent_rows(1), 60, outbox_state)
+    wait_for(all_sent(1), 60, outbox_state)
     assert [d.subject for d in second.deliveries] == ["via keyword arguments"]
     assert sandbox.deliveries == []
 
@@ -388,7 +370,7 @@ def test_worker_times_out_by_the_mailers_timeout(settings, account, second, star
     second.fault("connect", delay=3, times=1)
     start_worker()
     CeleryGmailBackend(alias="slow", **options_of(second, timeout=1)).send_messages([message()])
-    wait_for(sent_rows(1), 60, outbox_state)
+    wait_for(all_sent(1), 60, outbox_state)
     row = OutboundEmail.objects.get()
     assert [a.outcome for a in row.log.all()] == ["retry", "sent"]
     assert "did not answer within 1 s" in row.log.first().reply
@@ -421,7 +403,7 @@ def test_worker_reserves_quota_in_the_mailers_quota_database(
     settings.MAILERS = {"ledgered": {"BACKEND": CELERY, "OPTIONS": {"quota_database": "ledger"}}}
     start_worker(GMAIL_SMTP_TEST_LEDGER_SCHEMA=ledger_schema)
     CeleryGmailBackend(alias="ledgered", quota_database="ledger").send_messages([message()])
-    wait_for(sent_rows(1), 60, outbox_state)
+    wait_for(all_sent(1), 60, outbox_state)
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT address FROM {ledger_schema}.django_gmail_smtp_senderquota")
         assert [r[0] for r in cursor.fetchall()] == [SENDER]

@@ -17,10 +17,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
-from django.contrib.auth.models import User
 from django.core.mail import send_mail
 from django.core.management import CommandError, call_command
-from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
@@ -32,38 +30,14 @@ from django_gmail_smtp.exceptions import (
 )
 from django_gmail_smtp.models import GmailAccount
 
+from .conftest import APP_PASSWORD
+from .factories import CLIENT_ID, CLIENT_SECRET, OAUTH_USER, make_oauth_account, raw_columns
+
 pytestmark = pytest.mark.django_db
 
-USER = "oauth@example.com"
+USER = OAUTH_USER
 TO = "to@example.net"
-CLIENT_ID = "123-sandbox.apps.googleusercontent.com"
-CLIENT_SECRET = "GOCSPX-sandbox-client-secret"
 SERVICE_ACCOUNT = "mailer@project.iam.gserviceaccount.com"
-
-
-def make_oauth_account(sb, email: str = USER, *, client_secret: str = CLIENT_SECRET, **fields):
-    """A sandbox user who consented to our OAuth client, and the GmailAccount holding the grant."""
-    sb.add_user(email)
-    sb.add_oauth_client(CLIENT_ID, CLIENT_SECRET)
-    fields.setdefault("refresh_token", sb.issue_refresh_token(email, CLIENT_ID))
-    return GmailAccount.objects.create(
-        email=email,
-        auth_method=GmailAccount.AuthMethod.OAUTH2,
-        client_id=CLIENT_ID,
-        client_secret=client_secret,
-        is_default=True,
-        **fields,
-    )
-
-
-def raw_columns(account: GmailAccount, *names: str) -> dict[str, str]:
-    """The values stored in the database, bypassing the field's decryption."""
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(name) for name in names)
-    table = quote(GmailAccount._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {columns} FROM {table} WHERE id = %s", [account.pk])
-        return dict(zip(names, cursor.fetchone()))
 
 
 def _send(subject: str = "Hello") -> int:
@@ -259,12 +233,6 @@ def test_service_account_for_unknown_user_is_a_clear_error(sandbox):
 
 OTHER = "someone-else@example.com"
 CALLBACK = "admin:django_gmail_smtp_oauth_callback"
-
-
-@pytest.fixture
-def admin_client(client):
-    client.force_login(User.objects.create_superuser("root", "root@example.net", "pw"))
-    return client
 
 
 def start_connect(client, account: GmailAccount) -> str:
@@ -472,6 +440,28 @@ def consent_url(out: io.StringIO) -> str:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_authorize_command_loopback_flow(sandbox, settings):
+    """`gmail_smtp authorize EMAIL` runs the consent flow with a loopback redirect."""
+    sandbox.add_user("new@example.com", app_password=APP_PASSWORD)
+    sandbox.add_oauth_client("desktop-client", "desktop-secret")
+    thread, out, errors = run_authorize(
+        "new@example.com", "--client-id", "desktop-client", "--client-secret", "desktop-secret"
+    )
+    # The "browser": the sandbox consents and redirects to the command's loopback server.
+    page = requests.get(consent_url(out), timeout=5)
+    assert "You can close this tab" in page.text
+    thread.join(20)
+    assert not errors, errors
+    account = GmailAccount.objects.get(email="new@example.com")
+    assert account.auth_method == "oauth2" and account.refresh_token
+    assert "Connected new@example.com with Google" in out.getvalue()
+    # The account now sends through XOAUTH2.
+    settings.EMAIL_BACKEND = "django_gmail_smtp.backends.GmailSMTPBackend"
+    assert send_mail("s", "b", "new@example.com", ["t@example.net"]) == 1
+    assert sandbox.deliveries[0].user == "new@example.com"
+
+
+@pytest.mark.django_db(transaction=True)
 def test_authorize_command_refuses_another_google_user(sandbox):
     """The command keeps the stored token (and client) when another Google user consents."""
     account = make_oauth_account(sandbox)
@@ -507,6 +497,19 @@ def test_authorize_command_creates_no_account_for_another_google_user(sandbox):
     requests.get(consent_url(out), timeout=5)
     thread.join(20)
     assert errors and "consented, but this connection was for new@example.com" in str(errors[0])
+    assert not GmailAccount.objects.filter(email="new@example.com").exists()
+
+
+def test_failed_authorize_leaves_no_account(sandbox):
+    """A refused code exchange (wrong client secret) creates no account."""
+    sandbox.add_user("new@example.com", app_password=APP_PASSWORD)
+    sandbox.add_oauth_client("cid", "right-secret")
+    thread, out, errors = run_authorize(
+        "new@example.com", "--client-id", "cid", "--client-secret", "wrong-secret"
+    )
+    requests.get(consent_url(out), timeout=5)
+    thread.join(20)
+    assert errors and "Not connected" in str(errors[0])
     assert not GmailAccount.objects.filter(email="new@example.com").exists()
 
 

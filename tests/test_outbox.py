@@ -11,40 +11,21 @@ from django.db import transaction
 from django.utils import timezone
 
 from django_gmail_smtp import outbox, signals
-from django_gmail_smtp.backends import CeleryGmailBackend
 from django_gmail_smtp.exceptions import InvalidMessage, TooManyRecipients
 from django_gmail_smtp.models import GmailAccount, OutboundEmail
-from django_gmail_smtp.transport import ConnectionPool
 
 from .conftest import SENDER
+from .factories import broker_down, make_due, queued_row
 
 pytestmark = pytest.mark.django_db
 
 Status = OutboundEmail.Status
 
 
-@pytest.fixture
-def celery_backend(settings, sandbox):
-    settings.EMAIL_BACKEND = "django_gmail_smtp.backends.CeleryGmailBackend"
-    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "RETRY_BASE_DELAY": 10, "MAX_ATTEMPTS": 4}
-    return CeleryGmailBackend()
-
-
-@pytest.fixture
-def pool():
-    p = ConnectionPool()
-    yield p
-    p.close()
-
-
 def queue(backend, *messages, capture):
     with capture(execute=False) as callbacks:
         assert backend.send_messages(list(messages)) == len(messages)
     return callbacks
-
-
-def make_due(row):
-    OutboundEmail.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
 
 
 def test_queue_stores_exact_message_and_hands_id_on_commit(
@@ -178,6 +159,15 @@ def test_quota_defers_without_counting_an_attempt(
     assert second.next_attempt_at > timezone.now() + timedelta(hours=23)
 
 
+def test_message_that_can_never_fit_fails_instead_of_waiting(account, sandbox, pool, no_dispatch):
+    account.limits_preset, account.daily_recipient_limit = "workspace", 2
+    account.save()
+    row = queued_row(account, to=["a@x.example", "b@x.example", "c@x.example"])
+    assert outbox.deliver(row.pk, pool=pool) == "failed"
+    row.refresh_from_db()
+    assert row.status == Status.FAILED and row.reason == "permanent"
+
+
 def test_gmail_550_defers_and_blocks_account(
     celery_backend, account, sandbox, pool, django_capture_on_commit_callbacks
 ):
@@ -231,6 +221,18 @@ def test_auth_failure_defers_marks_account_and_signals(
     for row in OutboundEmail.objects.all():
         assert outbox.deliver(row.pk, pool=pool) == "sent"
     assert len(sandbox.deliveries) == 2
+
+
+def test_mail_of_a_deleted_then_readded_account_is_sent(sandbox, make_account, pool, no_dispatch):
+    account = make_account(sandbox)
+    row = queued_row(account)
+    account.delete()
+    assert outbox.deliver(row.pk, pool=pool) == "deferred"
+    make_account(sandbox)  # added again, same address
+    # retried on the backoff (issue 8 item 9), not left waiting for a change of health
+    assert OutboundEmail.objects.get(pk=row.pk).next_attempt_at is not None
+    outbox.retry(OutboundEmail.objects.filter(pk=row.pk))
+    assert outbox.deliver(row.pk, pool=pool) == "sent"
 
 
 def test_permanent_refusal_fails_with_reason_and_partial_refusals_recorded(
@@ -322,32 +324,38 @@ def test_sweeper_requeues_due_stale_and_expired(
         assert row.pk not in dispatched
 
 
+def test_sweeper_sends_transactional_first(account, monkeypatch):
+    order = []
+    monkeypatch.setattr(outbox, "dispatch", lambda pk, p, countdown=None: order.append(p) or True)
+    long_ago = timezone.now() - timedelta(hours=1)
+    for priority in ("bulk", "transactional"):
+        OutboundEmail.objects.create(
+            account=account,
+            account_email=SENDER,
+            from_email=SENDER,
+            recipients=["t@x.example"],
+            mime=b"x",
+            priority=priority,
+            status=Status.DEFERRED,
+            next_attempt_at=long_ago,
+        )
+    outbox.sweep(limit=1)
+    assert order == ["transactional"]
+
+
 def test_broker_down_keeps_row_queued(
     celery_backend, account, settings, django_capture_on_commit_callbacks, caplog
 ):
-    from tests.celery_app import app
-
-    old = app.conf.broker_url
-    app.conf.broker_url = "redis://127.0.0.1:9/0"  # nothing listens there
-    app._pool = None
-    app.amqp._producer_pool = None
-    try:
-        with django_capture_on_commit_callbacks(execute=True):
-            assert (
-                celery_backend.send_messages([EmailMessage("s", "b", SENDER, ["t@example.net"])])
-                == 1
-            )
-    finally:
-        app.conf.broker_url = old
-        app._pool = None
-        app.amqp._producer_pool = None
+    with broker_down(), django_capture_on_commit_callbacks(execute=True):
+        assert (
+            celery_backend.send_messages([EmailMessage("s", "b", SENDER, ["t@example.net"])]) == 1
+        )
     row = OutboundEmail.objects.get()
     assert row.status == Status.QUEUED and row.enqueued_at is None
     assert "stays queued and the sweeper will send it" in caplog.text
 
 
-def test_outbox_commands_retry_cancel_purge(account, celery_backend, monkeypatch):
-    monkeypatch.setattr(outbox, "dispatch", lambda pk, priority, countdown=None: True)
+def test_outbox_commands_retry_cancel_purge(account, celery_backend, no_dispatch):
     common = {
         "account": account,
         "account_email": SENDER,
@@ -379,14 +387,20 @@ def test_outbox_commands_retry_cancel_purge(account, celery_backend, monkeypatch
     assert "Retried 1" in out.getvalue() and "Cancelled 1" in out.getvalue()
 
 
-def test_task_arriving_early_is_handed_back_for_the_time_left(account, monkeypatch):
+def test_retry_leaves_a_row_being_sent_alone(account, no_dispatch):
+    row = queued_row(account, status=Status.FAILED)
+    selection = OutboundEmail.objects.filter(pk=row.pk)
+    rows = list(selection)  # the admin selected it while it was failed...
+    assert outbox.claim(row.pk, "w1") is None  # (failed rows are not claimable)
+    OutboundEmail.objects.filter(pk=row.pk).update(status=Status.SENDING, claimed_by="w1")
+    assert outbox.retry(OutboundEmail.objects.filter(pk__in=[r.pk for r in rows])) == 0
+    assert OutboundEmail.objects.get(pk=row.pk).status == Status.SENDING
+
+
+def test_task_arriving_early_is_handed_back_for_the_time_left(account, dispatched):
     """A retry's task that runs before its time (timer or clock skew) is re-dispatched."""
     from datetime import timedelta
 
-    handed = []
-    monkeypatch.setattr(
-        outbox, "dispatch", lambda pk, p, countdown=None: handed.append((pk, countdown)) or True
-    )
     row = OutboundEmail.objects.create(
         account=account,
         account_email=SENDER,
@@ -396,7 +410,7 @@ def test_task_arriving_early_is_handed_back_for_the_time_left(account, monkeypat
         next_attempt_at=timezone.now() + timedelta(seconds=30),
     )
     assert outbox.claim(row.pk, "w1") is None
-    ((pk, countdown),) = handed
+    ((pk, countdown),) = dispatched
     assert pk == row.pk and 28 < countdown <= 30
     OutboundEmail.objects.filter(pk=row.pk).update(
         next_attempt_at=timezone.now() + timedelta(milliseconds=300)

@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.core.mail import EmailMessage, send_mail
 from django.core.management import call_command
+from django.db import connection, transaction
 from django.utils import timezone as django_timezone
 
 from django_gmail_smtp import quota
@@ -62,6 +63,13 @@ def test_presets_and_overrides():
     assert account.limits().messages == 500
     account.daily_limit, account.daily_recipient_limit = 1500, 3000
     assert account.limits() == quota.Limits(messages=1500, recipients=3000, per_message=100)
+
+
+def test_zero_daily_limit_means_zero(account):
+    account.daily_limit = 0
+    assert account.limits().messages == 0
+    with pytest.raises(QuotaExceeded):
+        quota.reserve(account, 1)
 
 
 def test_message_limit_refuses_with_next_slot(account, sandbox, clock):
@@ -273,6 +281,25 @@ def test_db_now_without_use_tz_is_naive_local_time(account, settings):
     assert (status.messages_used, status.recipients_used) == (1, 2)
 
 
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/New_York"])
+def test_without_use_tz(settings, sandbox, make_account, zone):
+    """USE_TZ=False: over-quota reports cleanly and token expiry compares right."""
+    settings.USE_TZ, settings.TIME_ZONE = False, zone
+    account = make_account(sandbox, daily_limit=1)
+    assert send_mail("1", "b", SENDER, ["t@example.net"]) == 1
+    with pytest.raises(QuotaExceeded, match="next slot frees at"):
+        send_mail("2", "b", SENDER, ["t@example.net"])
+    assert account.quota_status().next_slot_at is not None
+
+    from django_gmail_smtp.credentials import _from_google, _token_valid
+
+    account.access_token = "token"
+    account.token_expiry = _from_google(django_timezone.datetime.utcnow() + timedelta(hours=1))
+    assert _token_valid(account)
+    account.token_expiry = _from_google(django_timezone.datetime.utcnow() - timedelta(minutes=1))
+    assert not _token_valid(account)
+
+
 def test_window_uses_the_database_clock_not_the_process_clock(account, monkeypatch):
     """A process whose clock runs 2 h ahead still counts sends from 23 h 30 min ago."""
     account.daily_limit = 3
@@ -330,6 +357,29 @@ def test_reserve_costs_constant_queries(account, clock):
         counts.append((len(first), len(second)))
     assert counts[0] == counts[1]
     assert counts[0][0] <= 8 and counts[0][1] <= 6  # including SAVEPOINT / RELEASE
+
+
+@pytest.mark.skipif(
+    connection.vendor == "sqlite",
+    reason="SQLite: a second connection cannot commit while the first holds a read "
+    "transaction, so QUOTA_DATABASE is for server databases (CI runs this on PostgreSQL)",
+)
+@pytest.mark.django_db(transaction=True, databases=["default", "ledger"])
+def test_quota_database_keeps_reservation_when_caller_rolls_back(account, sandbox, settings):
+    """With QUOTA_DATABASE on its own alias, a rolled-back request keeps the count."""
+    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "QUOTA_DATABASE": "ledger"}
+    with pytest.raises(RuntimeError), transaction.atomic():
+        send_mail("s", "b", SENDER, ["t@example.net"])
+        raise RuntimeError("the view failed after sending")
+    assert len(sandbox.deliveries) == 1
+    assert account.quota_status().messages_used == 1
+    # Without the separate alias the same rollback loses the count (what W006 warns about).
+    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "QUOTA_DATABASE": None}
+    with pytest.raises(RuntimeError), transaction.atomic():
+        send_mail("s", "b", SENDER, ["t@example.net"])
+        raise RuntimeError("the view failed after sending")
+    assert len(sandbox.deliveries) == 2
+    assert account.quota_status().messages_used == 1
 
 
 def test_quota_command_table(account, sandbox, clock, make_account, capsys):

@@ -18,41 +18,38 @@ from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage, get_connection, send_mail
 from django.core.management import call_command
-from django.db import connection
 from django.utils import timezone
 from django.views.debug import ExceptionReporter
 
 from django_gmail_smtp.credentials import credentials_for
 from django_gmail_smtp.crypto import UnreadableSecret
-from django_gmail_smtp.exceptions import EncryptionKeyError, InsecureConnectionError
+from django_gmail_smtp.exceptions import (
+    EncryptionKeyError,
+    InsecureConnectionError,
+    InvalidAddress,
+)
 from django_gmail_smtp.models import GmailAccount
 from django_gmail_smtp.testing import GmailSandbox, Replies
 
-from .conftest import APP_PASSWORD, SENDER, _wire
+from .conftest import APP_PASSWORD, SENDER
+from .factories import (
+    CLIENT_SECRET,
+    OAUTH_USER,
+    auth_attempts,
+    make_oauth_account,
+    raw_columns,
+    wire,
+    with_keys,
+)
 
 pytestmark = pytest.mark.django_db
 
 TO = "to@example.net"
 WRONG_PASSWORD = "wrongpasswordxyz"
-OAUTH_USER = "oauth@example.com"
-CLIENT_ID = "123-sandbox.apps.googleusercontent.com"
-CLIENT_SECRET = "GOCSPX-sandbox-client-secret"
 KEY_A = Fernet.generate_key().decode()
 KEY_B = Fernet.generate_key().decode()
 KEY_C = Fernet.generate_key().decode()
 ENCRYPTED_FIELDS = ("app_password", "client_secret", "refresh_token", "access_token")
-
-
-def make_oauth_account(sb, email: str = OAUTH_USER, **fields) -> GmailAccount:
-    """An OAuth2 account whose refresh token the sandbox issued (access token optional)."""
-    sb.add_user(email)
-    sb.add_oauth_client(CLIENT_ID, fields.pop("real_client_secret", CLIENT_SECRET))
-    fields.setdefault("client_secret", CLIENT_SECRET)
-    fields.setdefault("refresh_token", sb.issue_refresh_token(email, CLIENT_ID))
-    fields.setdefault("is_default", not GmailAccount.objects.filter(is_default=True).exists())
-    return GmailAccount.objects.create(
-        email=email, auth_method=GmailAccount.AuthMethod.OAUTH2, client_id=CLIENT_ID, **fields
-    )
 
 
 def secrets_of(*accounts: GmailAccount) -> list[str]:
@@ -69,25 +66,8 @@ def assert_no_secret(text: str, secrets: list[str], where: str = "") -> None:
         assert secret not in text, f"a secret appears in {where or 'the text'}"
 
 
-def raw_columns(account: GmailAccount) -> dict[str, str]:
-    """The stored (encrypted) values, read past the field's decryption."""
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(name) for name in ENCRYPTED_FIELDS)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {columns} FROM {quote(GmailAccount._meta.db_table)} WHERE id = %s",
-            [account.pk],
-        )
-        return dict(zip(ENCRYPTED_FIELDS, cursor.fetchone()))
-
-
 def use_keys(settings, *keys: str) -> None:
-    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "ENCRYPTION_KEYS": list(keys)}
-
-
-def auth_attempts(sb: GmailSandbox) -> int:
-    stats = sb.stats
-    return stats.logins + stats.auth_failures + stats.plaintext_auth_attempts
+    with_keys(settings, ENCRYPTION_KEYS=list(keys))
 
 
 # --- repr() and str() ------------------------------------------------------------------------
@@ -230,6 +210,14 @@ def test_exceptions_show_no_secret(sandbox, make_account, settings, failure):
     assert type(error).__name__ in report
     assert "Local vars" in report
     assert_no_secret(report, secrets, "the error report")
+
+
+def test_non_ascii_password_fails_cleanly_without_the_secret(sandbox, make_account):
+    make_account(sandbox, app_password="pässwordpässword")
+    with pytest.raises(InvalidAddress) as info:
+        send_mail("s", "b", SENDER, ["t@example.net"])
+    assert "pässword" not in str(info.value) and info.value.__cause__ is None
+    assert info.value.__suppress_context__
 
 
 # --- dumpdata / loaddata ---------------------------------------------------------------------
@@ -384,7 +372,7 @@ def test_untrusted_certificate_is_refused_before_auth(request, make_account, set
 def test_server_without_starttls_gets_no_credentials(make_account, settings):
     """A 587-style server that does not offer STARTTLS gets no credentials at all."""
     with GmailSandbox(security="starttls", offer_starttls=False) as sb:
-        _wire(sb, settings)
+        wire(sb, settings)
         make_account(sb)
         with pytest.raises(InsecureConnectionError) as info:
             send_mail("s", "b", SENDER, [TO])
@@ -400,7 +388,7 @@ def test_host_name_mismatch_is_refused(make_account, settings):
     if not sys.platform.startswith("linux"):
         pytest.skip("needs the whole 127.0.0.0/8 on the loopback interface")
     with GmailSandbox(host="127.0.0.2") as sb:  # the certificate names 127.0.0.1 and localhost
-        _wire(sb, settings)
+        wire(sb, settings)
         make_account(sb)
         with pytest.raises(InsecureConnectionError) as info:
             send_mail("s", "b", SENDER, [TO])

@@ -8,7 +8,6 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 from cryptography.fernet import Fernet
-from django.db import connection
 from django.utils import timezone
 
 from django_gmail_smtp import services
@@ -16,28 +15,12 @@ from django_gmail_smtp.exceptions import AuthenticationError
 from django_gmail_smtp.models import GmailAccount, OutboundEmail
 
 from .conftest import SENDER
+from .factories import CLIENT_ID, CLIENT_SECRET, OAUTH_USER, make_oauth_account, raw_columns
 
 pytestmark = pytest.mark.django_db
 
-CLIENT_ID = "svc-client.apps.googleusercontent.com"
-CLIENT_SECRET = "GOCSPX-services-secret"
-OAUTH_USER = "oauth@example.com"
 WRONG_PASSWORD = "wrongwrongwrongw"
 REDIRECT = "http://testserver/admin/django_gmail_smtp/gmailaccount/oauth/callback/"
-
-
-def oauth_account(sandbox, *, with_token: bool = True) -> GmailAccount:
-    sandbox.add_user(OAUTH_USER)
-    sandbox.add_oauth_client(CLIENT_ID, CLIENT_SECRET)
-    token = sandbox.issue_refresh_token(OAUTH_USER, CLIENT_ID) if with_token else ""
-    return GmailAccount.objects.create(
-        email=OAUTH_USER,
-        auth_method=GmailAccount.AuthMethod.OAUTH2,
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        refresh_token=token,
-        is_default=True,
-    )
 
 
 def waiting_row(account: GmailAccount) -> OutboundEmail:
@@ -126,7 +109,7 @@ def test_send_test_failure_is_a_result_not_an_exception(sandbox, make_account):
 
 
 def test_refresh_token_gets_a_new_access_token(sandbox):
-    account = oauth_account(sandbox)
+    account = make_oauth_account(sandbox)
     result = services.refresh_token(account)
     assert result.ok and result.text.startswith(f"Refreshed {OAUTH_USER}: new access token")
     account.refresh_from_db()
@@ -135,7 +118,7 @@ def test_refresh_token_gets_a_new_access_token(sandbox):
 
 
 def test_refresh_token_of_a_revoked_grant_needs_consent(sandbox):
-    account = oauth_account(sandbox)
+    account = make_oauth_account(sandbox)
     sandbox.revoke(account.refresh_token)
     result = services.refresh_token(account)
     assert not result.ok and result.health == GmailAccount.Health.NEEDS_CONSENT
@@ -182,7 +165,7 @@ def test_save_account_with_new_credentials_resets_health_and_releases(account):
 
 
 def test_connect_start_and_finish_through_pending_state(sandbox):
-    account = oauth_account(sandbox, with_token=False)
+    account = make_oauth_account(sandbox, refresh_token="")
     session: dict = {}
     pending = services.PendingConnects(session)
     flow = services.start_connect(account, REDIRECT, pending=pending)
@@ -202,7 +185,7 @@ def test_connect_start_and_finish_through_pending_state(sandbox):
 
 
 def test_a_forged_answer_leaves_the_pending_connection(sandbox):
-    account = oauth_account(sandbox, with_token=False)
+    account = make_oauth_account(sandbox, refresh_token="")
     pending = services.PendingConnects({})
     flow = services.start_connect(account, REDIRECT, pending=pending)
     forged = services.finish_pending_connect(pending, state="forged", error="access_denied")
@@ -211,7 +194,7 @@ def test_a_forged_answer_leaves_the_pending_connection(sandbox):
 
 
 def test_pending_connection_expires(sandbox):
-    account = oauth_account(sandbox, with_token=False)
+    account = make_oauth_account(sandbox, refresh_token="")
     session: dict = {}
     pending = services.PendingConnects(session)
     flow = services.start_connect(account, REDIRECT, pending=pending)
@@ -225,7 +208,7 @@ def test_pending_connection_expires(sandbox):
 
 
 def test_at_most_five_pending_connections(sandbox):
-    account = oauth_account(sandbox, with_token=False)
+    account = make_oauth_account(sandbox, refresh_token="")
     session: dict = {}
     pending = services.PendingConnects(session)
     flows = [services.start_connect(account, REDIRECT, pending=pending) for _ in range(6)]
@@ -234,7 +217,7 @@ def test_at_most_five_pending_connections(sandbox):
 
 
 def test_finish_connect_reports_a_refusal_and_changes_nothing(sandbox):
-    account = oauth_account(sandbox, with_token=False)
+    account = make_oauth_account(sandbox, refresh_token="")
     flow = services.start_connect(account, REDIRECT)
     result = services.finish_connect(account, flow, state=flow.state, error="access_denied")
     assert not result.ok
@@ -258,14 +241,7 @@ def test_account_to_connect_is_not_saved_until_connected(sandbox):
 
 
 def stored(account: GmailAccount) -> str:
-    quote = connection.ops.quote_name
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {quote('app_password')} FROM {quote(GmailAccount._meta.db_table)} "
-            "WHERE id = %s",
-            [account.pk],
-        )
-        return cursor.fetchone()[0]
+    return raw_columns(account, "app_password")["app_password"]
 
 
 def test_rotate_keys_reencrypts_with_the_first_key(sandbox, make_account, settings):

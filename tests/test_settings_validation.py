@@ -23,9 +23,11 @@ from django_gmail_smtp.models import OutboundAttempt, OutboundEmail
 from django_gmail_smtp.transport import ConnectionPool
 
 from .conftest import SENDER
+from .factories import queued_row
 
 pytestmark = pytest.mark.django_db
 
+Status = OutboundEmail.Status
 SYNC = "django_gmail_smtp.backends.GmailSMTPBackend"
 
 #: one value of the wrong type for every key, with the type name the message must show
@@ -331,6 +333,15 @@ def test_config_error_in_the_worker_defers_without_an_attempt(
     )
     assert outcomes == [OutboundAttempt.Outcome.DEFERRED]
     assert sandbox.stats.connections == 0 and sandbox.deliveries == []
+
+
+def test_error_between_claim_and_send_is_recorded(account, settings, pool, no_dispatch):
+    row = queued_row(account)
+    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "RESERVED_SHARE": 2}
+    assert outbox.deliver(row.pk, pool=pool) == "deferred"
+    row.refresh_from_db()
+    assert row.status == Status.DEFERRED and row.reason == "config"
+    assert "RESERVED_SHARE" in row.last_error
 
 
 def test_bad_sending_lease_is_a_config_error_and_no_attempt(settings, queued, sandbox):
