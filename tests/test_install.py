@@ -100,6 +100,15 @@ def test_readme_install_sends_a_password_reset(wheel, tmp_path, django, pythons,
     # What a user's site gets: nothing of the sandbox or of the example project's tooling.
     probe = "import importlib.util as u; print(u.find_spec('aiosmtpd'), u.find_spec('environ'))"
     assert run([str(bin_dir / "python"), "-c", probe], tmp_path, env).split() == ["None", "None"]
+    # The sandbox without its extra: an error that names the extra to install.
+    sandbox_import = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import django_gmail_smtp.testing"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert sandbox_import.returncode != 0
+    assert "pip install 'django-gmail-smtp[sandbox]'" in sandbox_import.stderr
 
     run([str(bin_dir / "django-admin"), "startproject", "mysite", str(tmp_path)], tmp_path, env)
     settings_py = tmp_path / "mysite" / "settings.py"
