@@ -370,8 +370,9 @@ def show_outbox_row(row: Any) -> None:
     say("")
     say(f"=== {title} " + "=" * max(3, 66 - len(title)))
     say(f"  Status         {row.status}")
-    retries = "it went out on the first try" if not row.attempts else "temporary failures, retried"
-    say(f"  Attempts       {row.attempts} ({retries})")
+    # The attempt log counts every try (the row's `attempts` is the retry counter).
+    retries = "it went out on the first try" if len(attempts) == 1 else "retried, see the log"
+    say(f"  Attempts       {len(attempts)} ({retries})")
     for attempt in attempts:
         say(
             f"  Attempt log    {attempt.at:%H:%M:%S} {attempt.outcome} {attempt.code or ''} "
