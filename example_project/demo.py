@@ -8,9 +8,10 @@ The sandbox is a Gmail-compatible SMTP server on 127.0.0.1 (STARTTLS, App Passwo
 The site sends through it exactly as it would through smtp.gmail.com: same backend, same
 settings, only GMAIL_SMTP's HOST/PORT/CA_FILE point elsewhere.
 
-The password reset goes out at once through GmailSMTPBackend. The contact form goes through
-CeleryGmailBackend: the request only writes an outbox row, and a real Celery worker (started
-here, on the embedded atomicfs:// broker, a folder of files: no server needed) sends it.
+The password reset goes out at once through GmailSMTPBackend (MAILERS["default"] on Django 6.1,
+EMAIL_BACKEND before). The contact form goes through CeleryGmailBackend (MAILERS["contact"],
+CONTACT_EMAIL_BACKEND before): the request only writes an outbox row, and a real Celery worker
+(started here, on the embedded atomicfs:// broker, a folder of files: no server needed) sends it.
 
 The demo keeps its own SQLite database (example_project/var/demo.sqlite3) and broker folder
 (example_project/var/broker/), whatever DATABASE_URL and CELERY_BROKER_URL say, unless
@@ -94,24 +95,31 @@ def configure(sandbox_settings: dict[str, Any], args: argparse.Namespace) -> Non
 
     The Celery worker is started with this same environment, so it reads the same settings.
     """
+    import django
+
     database_url = args.database_url
     if database_url.startswith("sqlite:///"):
         Path(database_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    if django.VERSION >= (6, 1):  # MAILERS["default"] and MAILERS["contact"]
+        backends = {"MAILER_BACKEND": SYNC_BACKEND, "CONTACT_MAILER_BACKEND": CELERY_BACKEND}
+    else:  # Django < 6.1: EMAIL_BACKEND and CONTACT_EMAIL_BACKEND
+        backends = {"EMAIL_BACKEND": SYNC_BACKEND, "CONTACT_EMAIL_BACKEND": CELERY_BACKEND}
     os.environ.update(
         {
             "DJANGO_SETTINGS_MODULE": "example_project.settings",
             "DATABASE_URL": database_url,
             "DEBUG": "True",
             "ALLOWED_HOSTS": "localhost,127.0.0.1",
-            "EMAIL_BACKEND": SYNC_BACKEND,
-            "CONTACT_EMAIL_BACKEND": CELERY_BACKEND,
+            **backends,
             "CELERY_BROKER_URL": args.broker_url,
             "CELERY_BROKER_FOLDER": str(args.broker_folder.resolve()),
             "DEFAULT_FROM_EMAIL": f"Example site <{SENDER}>",
             "STAFF_EMAIL": STAFF,
         }
     )
-    os.environ.pop("EMAIL_URL", None)  # the demo sends as its GmailAccount, not EMAIL_HOST_USER
+    # The demo sends as its GmailAccount, not as a login from the environment.
+    for name in ("EMAIL_URL", "GMAIL_USER", "GMAIL_APP_PASSWORD"):
+        os.environ.pop(name, None)
     for key, value in sandbox_settings.items():
         if value is not None:
             os.environ[f"GMAIL_SMTP_{key}"] = str(value)

@@ -2,9 +2,10 @@
 
 from email.utils import formataddr
 
+import django
 from django.conf import settings
 from django.contrib import messages
-from django.core.mail import EmailMultiAlternatives, get_connection
+from django.core.mail import EmailMultiAlternatives
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
@@ -24,8 +25,9 @@ def contact(request: HttpRequest) -> HttpResponse:
 def send_contact_message(*, name: str, email: str, message: str) -> None:
     """Mail the message to the staff, text and HTML, with Reply-To set to the visitor.
 
-    It goes through settings.CONTACT_EMAIL_BACKEND when set (e.g. the Celery backend, so the
-    visitor never waits on Gmail), else through EMAIL_BACKEND.
+    It goes through the "contact" mailer (settings.MAILERS; before Django 6.1,
+    settings.CONTACT_EMAIL_BACKEND when set, else EMAIL_BACKEND): e.g. the Celery backend, so
+    the visitor never waits on Gmail.
     """
     name = " ".join(name.split())  # a line break in a header would be refused
     context = {"name": name, "email": email, "message": message}
@@ -35,9 +37,14 @@ def send_contact_message(*, name: str, email: str, message: str) -> None:
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[address for _, address in settings.MANAGERS],
         reply_to=[formataddr((name, email))],
-        connection=get_connection(getattr(settings, "CONTACT_EMAIL_BACKEND", None)),
     )
     mail.attach_alternative(
         render_to_string("contact/email/contact_message.html", context), "text/html"
     )
-    mail.send()
+    if django.VERSION >= (6, 1):
+        mail.send(using="contact")
+    else:  # Django < 6.1: no MAILERS, a connection to the backend CONTACT_EMAIL_BACKEND names
+        from django.core.mail import get_connection
+
+        mail.connection = get_connection(getattr(settings, "CONTACT_EMAIL_BACKEND", None))
+        mail.send()

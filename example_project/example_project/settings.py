@@ -1,10 +1,12 @@
 """Settings of the example site: everything comes from the environment (django-environ).
 
-The mail part (from ``EMAIL_BACKEND`` down) is what a real site needs to send through Gmail.
+The mail part (from ``DEFAULT_FROM_EMAIL`` down: ``MAILERS`` on Django 6.1, the ``EMAIL_*``
+settings before it) is what a real site needs to send through Gmail.
 """
 
 from pathlib import Path
 
+import django
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent  # example_project/
@@ -61,11 +63,6 @@ STATIC_URL = "static/"
 LOGIN_REDIRECT_URL = "/"
 
 # --- Mail --------------------------------------------------------------------------------------
-EMAIL_BACKEND = env("EMAIL_BACKEND", default="django_gmail_smtp.backends.GmailSMTPBackend")
-# The contact form's backend, if not EMAIL_BACKEND: with CONTACT_EMAIL_BACKEND=
-# django_gmail_smtp.backends.CeleryGmailBackend the visitor's request only writes an outbox row
-# and a Celery worker sends it (see Celery below), while password resets still go out at once.
-CONTACT_EMAIL_BACKEND = env("CONTACT_EMAIL_BACKEND", default=None)
 # The From of mail the site sends. It should be a Gmail account's address or one of its
 # send-as aliases (see GmailAccount in the admin); otherwise the default account sends it.
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="Example site <site@example.com>")
@@ -86,15 +83,52 @@ GMAIL_SMTP = {
     "ENCRYPTION_KEYS": env.list("GMAIL_SMTP_ENCRYPTION_KEYS", default=None),
 }
 
-# Fallback with no GmailAccount at all: the backend logs in as EMAIL_HOST_USER with
-# EMAIL_HOST_PASSWORD (an App Password). django-environ fills both from one variable,
-#   EMAIL_URL=smtp+tls://user%40gmail.com:app-password@smtp.gmail.com:587
-# and the same variable also drives Django's own SMTP backend, so switching back and forth is
-# the one line EMAIL_BACKEND=django.core.mail.backends.smtp.EmailBackend.
-if env("EMAIL_URL", default=""):
-    _email = env.email_url("EMAIL_URL")
-    _email.pop("EMAIL_BACKEND")  # keep the one chosen above
-    globals().update(_email)  # EMAIL_HOST_USER, EMAIL_HOST_PASSWORD, EMAIL_HOST, EMAIL_PORT, ...
+# Optional: an App Password account to log in as, so the site can send before you add an
+# account in the admin (it is never stored). Two variables,
+#   GMAIL_USER=you@gmail.com GMAIL_APP_PASSWORD=abcdefghijklmnop
+# or django-environ's one variable (the server still comes from GMAIL_SMTP):
+#   EMAIL_URL=smtp+tls://you%40gmail.com:abcdefghijklmnop@smtp.gmail.com:587
+# With neither, the accounts in the admin send.
+_email_url = env.email_url("EMAIL_URL") if env("EMAIL_URL", default="") else {}
+_login = {
+    "username": env("GMAIL_USER", default=_email_url.get("EMAIL_HOST_USER", "")),
+    "password": env("GMAIL_APP_PASSWORD", default=_email_url.get("EMAIL_HOST_PASSWORD", "")),
+}
+
+if django.VERSION >= (6, 1):
+    # Two mailers. "default" (password resets, send_mail, mail_admins) sends at once.
+    # "contact" (the contact form's message.send(using="contact")) goes through the outbox:
+    # the visitor's request only writes a row and a Celery worker sends it (see Celery below),
+    # so nobody waits on Gmail. Either BACKEND can be switched from the environment, e.g.
+    # CONTACT_MAILER_BACKEND=django_gmail_smtp.backends.GmailSMTPBackend to send at once too.
+    MAILERS = {
+        "default": {
+            "BACKEND": env("MAILER_BACKEND", default="django_gmail_smtp.backends.GmailSMTPBackend"),
+            "OPTIONS": _login,
+        },
+        "contact": {
+            "BACKEND": env(
+                "CONTACT_MAILER_BACKEND", default="django_gmail_smtp.backends.CeleryGmailBackend"
+            ),
+            "OPTIONS": _login,
+        },
+    }
+else:  # Django < 6.1: no MAILERS, the EMAIL_* settings instead
+    EMAIL_BACKEND = env("EMAIL_BACKEND", default="django_gmail_smtp.backends.GmailSMTPBackend")
+    # The contact form's backend, if not EMAIL_BACKEND: with CONTACT_EMAIL_BACKEND=
+    # django_gmail_smtp.backends.CeleryGmailBackend the visitor's request only writes an outbox
+    # row and a Celery worker sends it (see Celery below), while password resets still go out
+    # at once.
+    CONTACT_EMAIL_BACKEND = env("CONTACT_EMAIL_BACKEND", default=None)
+    # With no GmailAccount at all, the backend logs in as EMAIL_HOST_USER with
+    # EMAIL_HOST_PASSWORD (an App Password).
+    EMAIL_HOST_USER, EMAIL_HOST_PASSWORD = _login["username"], _login["password"]
+    if _email_url:
+        # EMAIL_URL also drives Django's own SMTP backend, so switching back and forth is the
+        # one line EMAIL_BACKEND=django.core.mail.backends.smtp.EmailBackend.
+        for _name in ("EMAIL_BACKEND", "EMAIL_HOST_USER", "EMAIL_HOST_PASSWORD"):
+            _email_url.pop(_name)  # keep the ones set above
+        globals().update(_email_url)  # EMAIL_HOST, EMAIL_PORT, EMAIL_USE_TLS, ...
 
 # --- Celery (for CeleryGmailBackend: the outbox) ------------------------------------------------
 # The app is example_project/celery.py. A real site uses Redis or RabbitMQ,
