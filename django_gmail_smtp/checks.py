@@ -156,6 +156,10 @@ def _check_setting_types(user: Mapping[str, Any]) -> list:
     for alias, cfg in _our_mailers().items():
         options = cfg.get("OPTIONS") or {}
         source = f'MAILERS["{alias}"]["OPTIONS"]'
+        if not isinstance(options, Mapping):
+            text = f"{source} is a {type(options).__name__}; give a dict of options."
+            errors.append(Error(text, hint=hint, id="django_gmail_smtp.E006"))
+            continue
         errors += [
             Error(text, hint=hint, id="django_gmail_smtp.E006")
             for text in validate_options(options, source=source)
@@ -219,7 +223,8 @@ def check_accounts(app_configs: Any = None, databases: Any = None, **kwargs: Any
     except GmailConfigurationError:
         return []  # a bad setting: check_settings reports it
     if not accounts:
-        if any((cfg.get("OPTIONS") or {}).get("username") for cfg in _our_mailers().values()):
+        options = [cfg.get("OPTIONS") for cfg in _our_mailers().values()]
+        if any(isinstance(o, Mapping) and o.get("username") for o in options):
             return []  # the MAILERS entry logs in as its "username" option
         if hasattr(settings, "MAILERS"):  # Django >= 6.1: EMAIL_* settings are not allowed
             fallback = "give the MAILERS entry 'username' and 'password' OPTIONS (an App Password)"

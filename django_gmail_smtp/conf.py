@@ -766,7 +766,28 @@ def _from_mailers(alias: str) -> MailerSettings:
             f"{backend!r}), so its mail in the outbox cannot be sent with its options. Point "
             "the entry back at CeleryGmailBackend, or cancel that mail in the outbox."
         )
-    return resolve(entry.get("OPTIONS") or {}, alias=alias)
+    options = entry.get("OPTIONS") or {}
+    if not isinstance(options, Mapping):
+        raise GmailConfigurationError(
+            f'MAILERS["{alias}"]["OPTIONS"] is a {type(options).__name__}; give a dict of '
+            'options such as {"timeout": 20}.'
+        )
+    return resolve(options, alias=alias)
+
+
+def usable_mailers() -> set[str]:
+    """The mailer aliases whose settings resolve now ("" for GMAIL_SMTP alone): mail that was
+    deferred for the configuration of one of these may be tried again."""
+    usable = set()
+    mailers = getattr(settings, "MAILERS", None)
+    aliases = [""] + (list(mailers) if isinstance(mailers, Mapping) else [])
+    for alias in aliases:
+        try:
+            for_mailer(alias)
+        except GmailConfigurationError:
+            continue
+        usable.add(alias)
+    return usable
 
 
 def is_our_backend(path: Any) -> bool:

@@ -278,15 +278,18 @@ class GmailAccount(models.Model):
     def release_deferred(self) -> int:
         """Make mail that waited for this account (or the configuration) to be fixed due now
         (the sweeper sends it); return how many rows."""
+        from .conf import usable_mailers
+
         unlinked = Q(account__isnull=True, account_email=normalize_address(self.email))
         owned = (Q(account=self) | unlinked) if self.pk and not self.from_settings else unlinked
         now = timezone.now()
+        # A row whose mailer is still broken (its MAILERS entry removed or invalid) stays on
+        # its backoff: releasing it on every send would only defer it again, for ever.
+        waiting = Q(reason=OutboundEmail.Reason.AUTH) | Q(
+            reason=OutboundEmail.Reason.CONFIG, mailer__in=usable_mailers()
+        )
         return (
-            OutboundEmail.objects.filter(
-                owned,
-                status=OutboundEmail.Status.DEFERRED,
-                reason__in=[OutboundEmail.Reason.AUTH, OutboundEmail.Reason.CONFIG],
-            )
+            OutboundEmail.objects.filter(owned, waiting, status=OutboundEmail.Status.DEFERRED)
             .exclude(next_attempt_at__lte=now)  # already due: nothing to write
             .update(next_attempt_at=now)
         )

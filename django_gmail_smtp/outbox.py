@@ -276,7 +276,8 @@ class OutboxRecord:
                 return rows.filter(retry_of=self.row.pk).order_by("-pk").first()
             # Only if the row is still ours (not re-queued by the sweeper).
             mine = rows.filter(pk=self.row.pk, status=Status.SENDING, claimed_by=self.worker)
-            if not mine.update(**fields) and sent_by is not None:
+            changed = mine.update(**fields)
+            if not changed and sent_by is not None:
                 # The send outlasted the lease and the sweeper re-queued the row: record it as
                 # sent anyway, unless another worker has claimed it meanwhile.
                 logger.warning(
@@ -284,11 +285,12 @@ class OutboxRecord:
                     "short for this send)",
                     self.row.pk,
                 )
-                rows.filter(pk=self.row.pk, status__in=[Status.QUEUED, Status.DEFERRED]).update(
-                    **fields
-                )
+                waiting = rows.filter(pk=self.row.pk, status__in=[Status.QUEUED, Status.DEFERRED])
+                changed = waiting.update(**fields)
             OutboundAttempt.objects.using(self.db).create(**attempt)
-            created = rows.create(**follow_up) if follow_up is not None else None
+            # A follow-up only from the delivery that owns the row: another worker that has
+            # claimed it meanwhile (or an operator who cancelled it) decides its recipients.
+            created = rows.create(**follow_up) if follow_up is not None and changed else None
             if sent_by is not None:
                 sent_by.mark_sent(fields["sent_at"])
         return created

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -205,7 +206,10 @@ class Pipeline:
     def deliver(self, record: outbox.OutboxRecord) -> Outcome:
         """Send one claimed row and record what happened."""
         row = record.row
-        account = self.account_for(row)
+        try:
+            account = self.account_for(row)
+        except BaseException as exc:  # e.g. the database, a bad login option: recorded
+            return self.settle(record, exc)
         if account is None:
             return record.defer(
                 Reason.CONFIG,
@@ -383,15 +387,18 @@ def deliver_outbound(
     else ``transports(settings)`` finds the transport for the row's mailer (a worker keeps one
     per settings), else a new one is built. Returns what happened.
     """
-    row = outbox.claim(outbound_id, worker)
+    # Each claim has its own token: worker processes forked from one parent share its pid, so
+    # the worker's name alone cannot tell "still my claim" from a sibling's newer one.
+    claim = f"{worker}:{uuid.uuid4().hex[:12]}"
+    row = outbox.claim(outbound_id, claim)
     if row is None:
         return Outcome.SKIPPED
-    record = outbox.OutboxRecord(row, worker)
+    record = outbox.OutboxRecord(row, claim)
     try:
         settings = for_mailer(row.mailer)
         if transport is None:
             transport = (transports or make_transport)(settings)
-    except ImproperlyConfigured as exc:
+    except Exception as exc:  # a bad setting, or a transport_class that cannot be built
         # Not a delivery attempt: the row waits, on the backoff, for the setting to be fixed.
         return record.defer(Reason.CONFIG, str(exc), config_retry_at(record, None), exc)
     from .backends import CeleryGmailBackend

@@ -539,3 +539,91 @@ def test_sync_backend_honours_the_size_limit_before_connecting(account, sandbox,
     with pytest.raises(MessageTooLarge, match="not sent"):
         send_mail("big", "x" * 5000, SENDER, ["to@example.net"])
     assert sandbox.stats.connections == 0 and account.quota_status().messages_used == 0
+
+
+# --- a delivery that outlived its lease, and mail of a broken mailer (review findings) --------
+
+CELERY_BACKEND = "django_gmail_smtp.backends.CeleryGmailBackend"
+
+
+class _OutlivedLease:
+    """A transport whose send outlasts SENDING_LEASE: meanwhile the sweeper re-queues the row
+    and another delivery of the same worker process (same WORKER_ID: prefork children share
+    the parent's pid) claims it. Then the send fails, or returns ``result``."""
+
+    def __init__(self, result: SendResult | None = None) -> None:
+        self.result = result
+
+    def open(self, account) -> None: ...
+
+    def close(self) -> None: ...
+
+    def send(self, envelope) -> SendResult:
+        OutboundEmail.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        outbox.sweep()
+        assert outbox.claim(OutboundEmail.objects.get().pk, outbox.WORKER_ID) is not None
+        if self.result is None:
+            raise ConnectionFailed("dropped", account=envelope.account.email, phase="mail")
+        return self.result
+
+
+def test_a_late_outcome_never_overwrites_a_newer_claim_of_the_same_worker(
+    outbox_settings, account, sandbox, dispatched
+):
+    """Each claim has its own token: the stale delivery's retry must not take the row back
+    from the delivery that claimed it after the lease ran out (it used to: both had the
+    worker's pid as their name, so the row went back to queued while still being sent)."""
+    CeleryGmailBackend().send_messages([EmailMessage("s", "b", SENDER, ["to@example.net"])])
+    row = OutboundEmail.objects.get()
+    assert outbox.deliver(row.pk, pool=_OutlivedLease()) == "retry"
+    row.refresh_from_db()
+    assert row.status == Status.SENDING and row.claimed_by == outbox.WORKER_ID
+
+
+def test_a_send_recorded_after_its_lease_makes_no_follow_up_for_a_claimed_row(
+    outbox_settings, account, sandbox, dispatched
+):
+    """A 450-refused recipient gets a follow-up only from the delivery that owns the row;
+    the one whose lease ran out (another has claimed the row) must not queue a second one."""
+    message = EmailMessage("s", "b", SENDER, ["a@example.net", "b@example.net"])
+    CeleryGmailBackend().send_messages([message])
+    refused = {"b@example.net": (450, "4.2.1 The user you are trying to contact is receiving")}
+    late = _OutlivedLease(SendResult(reply="250 2.0.0 OK", message_id="<x>", refused=refused))
+    assert outbox.deliver(message.gmail_outbound_id, pool=late) == "sent"
+    assert not OutboundEmail.objects.filter(retry_of=message.gmail_outbound_id).exists()
+
+
+def test_mail_of_a_removed_mailer_stays_on_its_backoff_when_the_account_sends(
+    settings, account, sandbox, pool, dispatched
+):
+    """A row whose MAILERS entry is gone is deferred for its configuration on a backoff;
+    the account's other mail going out must not make it due again each time (it used to,
+    so it was re-sent to the worker and deferred again on every sweep, for ever)."""
+    settings.MAILERS = {"old": {"BACKEND": CELERY_BACKEND}}
+    CeleryGmailBackend(alias="old").send_messages([EmailMessage("old", "b", SENDER, ["t@e.net"])])
+    settings.MAILERS = {}
+    stranded = OutboundEmail.objects.get()
+    assert outbox.deliver(stranded.pk, pool=pool) == "deferred"
+    other = EmailMessage("other", "b", SENDER, ["to@example.net"])
+    CeleryGmailBackend().send_messages([other])
+    assert outbox.deliver(other.gmail_outbound_id, pool=pool) == "sent"
+    stranded.refresh_from_db()
+    assert stranded.reason == OutboundEmail.Reason.CONFIG
+    assert stranded.next_attempt_at > timezone.now()
+
+
+def test_mailers_options_that_are_not_a_dict_defer_the_row_for_its_configuration(
+    settings, account, sandbox, dispatched
+):
+    """OPTIONS given as a list used to raise ValueError out of the task and leave the row
+    'sending' with no error until its lease ran out."""
+    from django_gmail_smtp import tasks
+
+    settings.MAILERS = {"x": {"BACKEND": CELERY_BACKEND}}
+    CeleryGmailBackend(alias="x").send_messages([EmailMessage("s", "b", SENDER, ["t@e.net"])])
+    settings.MAILERS = {"x": {"BACKEND": CELERY_BACKEND, "OPTIONS": ["oops"]}}
+    row = OutboundEmail.objects.get()
+    assert outbox.deliver(row.pk, transports=tasks.transport_for) == "deferred"
+    row.refresh_from_db()
+    assert row.status == Status.DEFERRED and row.reason == OutboundEmail.Reason.CONFIG
+    assert 'MAILERS["x"]["OPTIONS"] is a list' in row.last_error

@@ -290,6 +290,12 @@ def test_mailers_options_of_the_wrong_type_are_e006(settings):
     assert text.startswith('MAILERS["default"]["OPTIONS"]["port"] is \'587x\' (str)')
 
 
+def test_mailers_options_that_are_not_a_dict_are_e006_not_a_crash(settings):
+    settings.MAILERS = {"default": {"BACKEND": SYNC, "OPTIONS": ["timeout", 5]}}
+    (text,) = errors("django_gmail_smtp.E006")
+    assert text == 'MAILERS["default"]["OPTIONS"] is a list; give a dict of options.'
+
+
 def test_option_of_the_wrong_type_is_refused_when_read(settings):
     from django_gmail_smtp.conf import connection_settings
 
