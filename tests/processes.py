@@ -38,6 +38,19 @@ def wait_for(
         time.sleep(interval)
 
 
+def nested_pytest_env(env: dict[str, str], name: str) -> dict[str, str]:
+    """``env`` for a pytest run started inside this one: on a server database it gets a test
+    database of its own (``DATABASE_URL``'s name + ``_name``). With the same name it would
+    drop and recreate this run's test database, then drop it at its end."""
+    url = env.get("DATABASE_URL")
+    if url:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(url)
+        env = {**env, "DATABASE_URL": urlunsplit(parts._replace(path=f"{parts.path}_{name}"))}
+    return env
+
+
 def child_env(**gmail_smtp: object) -> dict[str, str]:
     """Environment for a child process: the test database and the current GMAIL_SMTP."""
     db = dict(connection.settings_dict)

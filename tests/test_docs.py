@@ -27,6 +27,8 @@ from django_gmail_smtp import conf
 from django_gmail_smtp.exceptions import classify_reply
 from django_gmail_smtp.testing import GmailSandbox
 
+from .processes import nested_pytest_env
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 DOCS_EXTRAS = ("sphinx", "myst_parser", "furo")
@@ -276,7 +278,7 @@ def test_sandbox_testing_examples_pass():
             "--ds=tests.settings",
         ],
         cwd=ROOT,
-        env=_child_env(),
+        env=nested_pytest_env(_child_env(), "docs_examples"),
         capture_output=True,
         text=True,
         timeout=300,

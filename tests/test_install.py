@@ -22,6 +22,8 @@ import pytest
 
 from django_gmail_smtp.testing import GmailSandbox
 
+from .processes import nested_pytest_env
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(
@@ -180,6 +182,7 @@ def test_sdist_runs_its_own_tests(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_backend.py"],
         cwd=unpacked,
+        env=nested_pytest_env(dict(os.environ), "sdist"),
         capture_output=True,
         text=True,
         timeout=300,
