@@ -56,8 +56,6 @@ class Row:
     action: str
     sync_error: type[GmailSMTPError] | None = None
     """What the sync backend raises, when the transport wraps the classified error."""
-    wrong: str | None = None
-    """Why the app gets it wrong today (the row is then a strict xfail)."""
     setup: Callable[[GmailSandbox, Any, Any], None] | None = None
 
     @property
@@ -127,14 +125,7 @@ ROWS = [
 
 
 def _params(rows: list[Row]) -> list[Any]:
-    return [
-        pytest.param(
-            row,
-            id=row.name,
-            marks=[pytest.mark.xfail(strict=True, reason=row.wrong)] if row.wrong else [],
-        )
-        for row in rows
-    ]
+    return [pytest.param(row, id=row.name) for row in rows]
 
 
 def _arrange(row: Row, sandbox: GmailSandbox, settings: Any, tmp_path: Any) -> None:

@@ -38,6 +38,7 @@ from django_gmail_smtp.transport import ConnectionPool, SendResult
 
 from .conftest import SENDER
 from .factories import make_due, queued_row, wait_until, with_keys
+from .processes import wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -90,13 +91,12 @@ def kill_connection(conn) -> None:
     try:
         cursor = killer.cursor()
         cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the backend exits asynchronously
+
+        def gone() -> bool:  # the backend exits asynchronously
             cursor.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid])
-            if cursor.fetchone() is None:
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"backend {pid} was not terminated")
+            return cursor.fetchone() is None
+
+        wait_for(gone, 10, f"backend {pid} to be terminated")
     finally:
         killer.close()
 
@@ -274,6 +274,7 @@ def keeping_sandbox(settings, monkeypatch, make_sandbox):
     def on_delivery(delivered):
         kind = plan.pop(0) if plan else ""
         if kind == "timeout":
+            # The simulated server, not the test, waits: it answers after the client gave up.
             time.sleep(settings.GMAIL_SMTP["TIMEOUT"] + 0.5)
         elif kind == "drop":
             drop_reply.append(True)

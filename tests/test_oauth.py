@@ -32,6 +32,7 @@ from django_gmail_smtp.models import GmailAccount
 
 from .conftest import APP_PASSWORD
 from .factories import CLIENT_ID, CLIENT_SECRET, OAUTH_USER, make_oauth_account, raw_columns
+from .processes import wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -429,9 +430,7 @@ def run_authorize(email: str, *args: str) -> tuple[threading.Thread, io.StringIO
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 10
-    while "/authorize?" not in out.getvalue() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: "/authorize?" in out.getvalue(), 10, "the consent URL to be printed")
     return thread, out, errors
 
 
