@@ -301,6 +301,7 @@ OUTBOX_OFFERED = {
     "created_at__year": "2024",
     "created_at__month": "1",
     "created_at__day": "1",
+    "waiting": "too-long",  # the "Waiting too long" filter
 }
 
 
