@@ -71,6 +71,13 @@ DEFAULTS: dict[str, Any] = {
     "BODY_RETENTION_DAYS": 7,  # bodies of sent/failed/cancelled mail are dropped after; None: keep
     "MAX_MESSAGE_SIZE": 35882577,  # bytes; larger messages are refused (Gmail's advertised SIZE)
     "TRANSPORT_CLASS": "django_gmail_smtp.transport.ConnectionPool",
+    # Newsletters (the optional django_gmail_smtp.newsletters app)
+    "SITE_URL": None,  # base of absolute links in mail; None: the sites framework's domain
+    "NEWSLETTER_TICK": 60,  # seconds between planner ticks in the ready beat schedule
+    "NEWSLETTER_AUDIENCES": {},  # name -> dotted path of a callable returning a queryset
+    "NEWSLETTER_ALIGNED_DOMAINS": [],  # From domains with SPF, DKIM and DMARC aligned
+    "NEWSLETTER_BREAKER_RATE": 0.05,  # share of permanent refusals that pauses a campaign
+    "NEWSLETTER_BREAKER_MINIMUM": 50,  # messages sent before that share is judged
 }
 
 SECURITY_CHOICES = ("starttls", "ssl")
@@ -214,6 +221,22 @@ def _keys(value: Any) -> Any:
     if not isinstance(value, (list, tuple)) or not all(isinstance(k, (str, bytes)) for k in value):
         raise _Invalid
     return value
+
+
+def _audiences(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and "." in v for k, v in value.items()
+    ):
+        raise _Invalid
+    return dict(value)
+
+
+def _domains(value: Any) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise _Invalid
+    if not all(isinstance(d, str) and "." in d and "@" not in d for d in value):
+        raise _Invalid("each a domain such as 'example.com'")
+    return [d.strip().lower() for d in value]
 
 
 def _queues(value: Any) -> dict[str, str]:
@@ -413,6 +436,46 @@ SETTINGS: dict[str, Setting] = {
             _transport_class,
             "What connects to Gmail and sends (see transport.Transport): the SMTP connection "
             "pool, or a subclass or another transport of your own.",
+        ),
+        Setting(
+            "SITE_URL",
+            "the site's base URL such as 'https://www.example.com', or None",
+            _or_empty(_url),
+            "Base of absolute links in mail (unsubscribe, archive, confirm); None: https:// and "
+            "the sites framework's current domain.",
+        ),
+        Setting(
+            "NEWSLETTER_TICK",
+            f"{_SECONDS} above 0 such as 60",
+            _number(above=0),
+            "Seconds between newsletter planner ticks in the ready beat schedule.",
+        ),
+        Setting(
+            "NEWSLETTER_AUDIENCES",
+            "a dict of names to dotted paths of callables returning a queryset, such as "
+            "{'active users': 'myapp.audiences.active_users'}",
+            _audiences,
+            "Audiences a campaign may be sent to instead of a list (any model with an email "
+            "field), offered in the admin.",
+        ),
+        Setting(
+            "NEWSLETTER_ALIGNED_DOMAINS",
+            "a list of domains such as ['example.com']",
+            _domains,
+            "From domains whose SPF, DKIM and DMARC are aligned: their campaigns may send more "
+            "than 5,000 messages a day (Gmail's bulk-sender threshold).",
+        ),
+        Setting(
+            "NEWSLETTER_BREAKER_RATE",
+            "a fraction from 0 up to 1 such as 0.05",
+            _share,
+            "A campaign pauses itself once this share of its messages is refused permanently.",
+        ),
+        Setting(
+            "NEWSLETTER_BREAKER_MINIMUM",
+            "a whole number of at least 1 such as 50",
+            _number(integer=True, minimum=1),
+            "Messages a campaign sends before its refusal rate is judged.",
         ),
     )
 }

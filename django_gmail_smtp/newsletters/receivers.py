@@ -1,0 +1,1 @@
+"""What the newsletters do when the outbox reports on one of their messages."""
