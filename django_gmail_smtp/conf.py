@@ -78,9 +78,17 @@ DEFAULTS: dict[str, Any] = {
     "NEWSLETTER_ALIGNED_DOMAINS": [],  # From domains with SPF, DKIM and DMARC aligned
     "NEWSLETTER_BREAKER_RATE": 0.05,  # share of permanent refusals that pauses a campaign
     "NEWSLETTER_BREAKER_MINIMUM": 50,  # messages sent before that share is judged
+    # Bounces read back from each account's inbox over IMAP
+    "IMAP_HOST": "imap.gmail.com",
+    "IMAP_PORT": 993,  # implicit TLS
+    "BOUNCE_INTERVAL": None,  # seconds between bounce reads in the beat schedule; None: not run
+    "BOUNCE_SOFT_LIMIT": 3,  # soft bounces of an address before it is suppressed
+    "BOUNCE_ACTION": None,  # None: only read; "label": add BOUNCE_LABEL; "move": move there
+    "BOUNCE_LABEL": "Bounces",  # the Gmail label (IMAP folder) of processed reports
 }
 
 SECURITY_CHOICES = ("starttls", "ssl")
+BOUNCE_ACTIONS = ("label", "move")
 PRIORITY_CHOICES = ("transactional", "bulk")
 
 
@@ -476,6 +484,46 @@ SETTINGS: dict[str, Setting] = {
             "a whole number of at least 1 such as 50",
             _number(integer=True, minimum=1),
             "Messages a campaign sends before its refusal rate is judged.",
+        ),
+        Setting(
+            "IMAP_HOST",
+            "a host name such as 'imap.gmail.com'",
+            _text,
+            "The IMAP server the bounce reader logs in to (implicit TLS, verified like SMTP's, "
+            "with CA_FILE).",
+        ),
+        Setting(
+            "IMAP_PORT",
+            "a whole number from 1 to 65535 such as 993",
+            _port,
+            "The IMAP server's port (implicit TLS).",
+        ),
+        Setting(
+            "BOUNCE_INTERVAL",
+            f"{_SECONDS} above 0 such as 600, or None",
+            _number(above=0),
+            "Seconds between bounce reads in the ready beat schedule; None (the default) leaves "
+            "the bounce reader out of it (run `manage.py gmail_smtp bounces` instead).",
+        ),
+        Setting(
+            "BOUNCE_SOFT_LIMIT",
+            "a whole number of at least 1 such as 3",
+            _number(integer=True, minimum=1),
+            "Soft (temporary) bounces of an address before the newsletters suppress it.",
+        ),
+        Setting(
+            "BOUNCE_ACTION",
+            "None, 'label' or 'move'",
+            _or_empty(_choice(*BOUNCE_ACTIONS)),
+            "What the bounce reader does with a report it has processed: None only reads it; "
+            "'label' adds the Gmail label BOUNCE_LABEL (an IMAP copy); 'move' moves it there, "
+            "out of the inbox.",
+        ),
+        Setting(
+            "BOUNCE_LABEL",
+            "a label (IMAP folder) name such as 'Bounces'",
+            _text,
+            "The Gmail label (IMAP folder) BOUNCE_ACTION files processed reports under.",
         ),
     )
 }

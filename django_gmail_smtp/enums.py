@@ -51,6 +51,14 @@ class Health(models.TextChoices):
     CREDENTIALS_REJECTED = "credentials_rejected", _("credentials rejected")
 
 
+class BounceKind(models.TextChoices):
+    """How a recipient bounced (``Bounce.kind``), from the report's status code: 5.x.x is
+    permanent (no such user, domain not found), 4.x.x temporary (mailbox full)."""
+
+    HARD = "hard", _("hard (permanent)")
+    SOFT = "soft", _("soft (temporary)")
+
+
 class AttemptOutcome(models.TextChoices):
     """What one delivery attempt of an outbox row ended in (``OutboundAttempt.outcome``)."""
 
@@ -91,6 +99,7 @@ class ErrorCategory(models.TextChoices):
 
 __all__ = [
     "AttemptOutcome",
+    "BounceKind",
     "ErrorCategory",
     "Health",
     "Outcome",

@@ -44,6 +44,8 @@ class Limits:
     messages: int
     recipients: int | None
     per_message: int
+    #: Workspace's unique external recipients a day (2,000; 500 on a trial); None: not limited
+    external_recipients: int | None = None
 
 
 _Limit = TypeVar("_Limit", bound="int | None")
@@ -51,8 +53,12 @@ _Limit = TypeVar("_Limit", bound="int | None")
 #: Gmail's published limits (they can change; every number is overridable per account)
 PRESETS: dict[str, Limits] = {
     LimitsPreset.GMAIL: Limits(messages=500, recipients=None, per_message=100),
-    LimitsPreset.WORKSPACE: Limits(messages=2000, recipients=10000, per_message=100),
-    LimitsPreset.WORKSPACE_TRIAL: Limits(messages=500, recipients=None, per_message=100),
+    LimitsPreset.WORKSPACE: Limits(
+        messages=2000, recipients=10000, per_message=100, external_recipients=2000
+    ),
+    LimitsPreset.WORKSPACE_TRIAL: Limits(
+        messages=500, recipients=None, per_message=100, external_recipients=500
+    ),
 }
 
 
@@ -242,6 +248,7 @@ class GmailAccount(models.Model):
             messages=pick(self.daily_limit, preset.messages),
             recipients=pick(self.daily_recipient_limit, preset.recipients),
             per_message=pick(self.per_message_recipient_limit, preset.per_message),
+            external_recipients=preset.external_recipients,
         )
 
     def quota_status(self):  # -> quota.QuotaStatus
@@ -427,6 +434,15 @@ class OutboundEmail(models.Model):
     gmail_reply = models.TextField(_("Gmail's reply"), blank=True)
     refused_recipients = models.JSONField(_("refused recipients"), default=dict, blank=True)
     sent_at = models.DateTimeField(_("sent"), null=True, blank=True)
+    bounced_at = models.DateTimeField(
+        _("bounced"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "When a non-delivery report for it was read back from the account's inbox (see "
+            "its bounces). Its status stays 'sent': Gmail accepted it."
+        ),
+    )
     body_dropped_at = models.DateTimeField(_("body dropped"), null=True, blank=True)
     retry_of = models.ForeignKey(
         "self",
@@ -483,3 +499,107 @@ class OutboundAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.outcome} {self.code or ''}"
+
+
+class BounceMailbox(models.Model):
+    """Where the bounce reader stands in one account's inbox, and whether its IMAP login works.
+
+    Kept apart from the account's own health: an IMAP login refused (IMAP turned off for a
+    Workspace user, a token without IMAP access) must not hold back the account's SMTP mail.
+    """
+
+    Health = enums.Health
+
+    account = models.OneToOneField(
+        GmailAccount,
+        verbose_name=_("account"),
+        on_delete=models.CASCADE,
+        related_name="bounce_mailbox",
+    )
+    uid_validity = models.BigIntegerField(_("UIDVALIDITY"), null=True, blank=True)
+    last_uid = models.BigIntegerField(
+        _("last UID read"),
+        default=0,
+        help_text=_("Messages of the inbox up to this UID have been looked at."),
+    )
+    health = models.CharField(
+        _("IMAP login"), max_length=32, choices=Health.choices, default=Health.UNKNOWN
+    )
+    health_detail = models.TextField(_("last problem"), blank=True)
+    checked_at = models.DateTimeField(_("last tried"), null=True, blank=True)
+    last_read_at = models.DateTimeField(_("last read"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("bounce mailbox")
+        verbose_name_plural = _("bounce mailboxes")
+
+    def __str__(self) -> str:
+        return f"{self.account_id} inbox"
+
+    def mark_health(self, health: str, detail: str = "") -> None:
+        """Record the outcome of the last IMAP login (stored at once, like
+        ``GmailAccount.mark_health``; the account's SMTP health is left alone)."""
+        self.health = health
+        self.health_detail = detail
+        self.checked_at = timezone.now()
+        if self.pk:
+            type(self).objects.filter(pk=self.pk).update(
+                health=health, health_detail=detail, checked_at=self.checked_at
+            )
+
+
+class Bounce(models.Model):
+    """One recipient of one sent message that a non-delivery report says did not get it.
+
+    Read back from the sending account's inbox by :mod:`django_gmail_smtp.bounces`; one row per
+    report and recipient, so reading a report again records nothing new.
+    """
+
+    Kind = enums.BounceKind
+
+    account = models.ForeignKey(
+        GmailAccount,
+        verbose_name=_("account"),
+        on_delete=models.CASCADE,
+        related_name="bounces",
+    )
+    outbound = models.ForeignKey(
+        OutboundEmail,
+        verbose_name=_("outbox row"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="bounces",
+    )
+    recipient = models.EmailField(_("recipient"), max_length=320, db_index=True)
+    kind = models.CharField(_("kind"), max_length=4, choices=Kind.choices)
+    code = models.CharField(_("status code"), max_length=16, blank=True)
+    diagnostic = models.TextField(_("diagnostic"), blank=True)
+    report = models.TextField(_("report"), blank=True)
+    report_id = models.CharField(
+        _("report ID"),
+        max_length=255,
+        help_text=_(
+            "The report's Message-ID (a hash of it when longer than 255 characters), or its "
+            "IMAP UIDVALIDITY and UID when it has none."
+        ),
+    )
+    original_message_id = models.CharField(_("bounced Message-ID"), max_length=998, blank=True)
+    reported_at = models.DateTimeField(_("reported"), null=True, blank=True)
+    created_at = models.DateTimeField(_("read"), default=timezone.now, db_index=True)
+
+    class Meta:
+        verbose_name = _("bounce")
+        verbose_name_plural = _("bounces")
+        ordering = ("-created_at", "-pk")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "report_id", "recipient"], name="gmail_smtp_bounce_once"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.recipient} ({self.kind} {self.code})".strip()
+
+    def __repr__(self) -> str:
+        return f"<Bounce {self.pk} {self.recipient} {self.kind} {self.code}>"

@@ -21,6 +21,13 @@ sent by ``OutboundEmail``.
 - ``account_unhealthy``: ``account``, ``error``; sent when Gmail or Google starts refusing an
   account's credentials (by either backend, a check or the admin), so someone can be alerted.
   Its outbox mail waits, deferred, until the account is fixed.
+- ``email_bounced``: ``bounce`` (the new :class:`~django_gmail_smtp.models.Bounce`: its
+  ``recipient``, ``kind`` ("hard" or "soft"), ``code`` such as "5.1.1", ``diagnostic`` and
+  ``report``), ``outbound`` (the OutboundEmail it bounced), ``account`` (the GmailAccount whose
+  inbox held the report); sent by ``Bounce`` once per recipient and report, when the bounce
+  reader (``tasks.read_bounces``, ``manage.py gmail_smtp bounces``) records it. The outbox row
+  keeps its status ``sent`` (Gmail accepted it) and gets ``bounced_at``. Receivers run after
+  the bounce is stored; one that raises is logged and does not stop the reader.
 """
 
 from django.dispatch import Signal
@@ -30,3 +37,4 @@ email_sent = Signal()
 email_deferred = Signal()
 email_failed = Signal()
 account_unhealthy = Signal()
+email_bounced = Signal()

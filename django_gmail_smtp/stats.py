@@ -19,7 +19,8 @@ from django.utils.safestring import SafeString, mark_safe
 
 from . import quota
 from .conf import format_time, get_setting, local
-from .models import GmailAccount, OutboundEmail, QuotaBucket, QuotaDay, SenderQuota
+from .enums import BounceKind
+from .models import Bounce, GmailAccount, OutboundEmail, QuotaBucket, QuotaDay, SenderQuota
 
 #: How people read a moment in the admin and the command: one format everywhere.
 TIME_FORMAT = "%Y-%m-%d %H:%M"
@@ -32,6 +33,20 @@ class AccountStats:
     hourly: list[tuple[datetime, int, int]]  # (hour, messages, recipients), oldest first
     daily: list[tuple[date, int, int]]  # (day, messages, recipients), oldest first
     outbox: dict[str, int] = field(default_factory=dict)
+    #: bounces read back from the account's inbox: (day, hard, soft), oldest first
+    bounces_daily: list[tuple[date, int, int]] = field(default_factory=list)
+
+    @property
+    def bounces_total(self) -> int:
+        return sum(hard + soft for _d, hard, soft in self.bounces_daily)
+
+    @property
+    def bounce_chart(self) -> SafeString:
+        return bar_chart(
+            [(f"{d:%d %b}", hard, soft) for d, hard, soft in self.bounces_daily],
+            title=f"Hard and soft bounces per day, last 30 days ({self.account.email})",
+            names=("hard bounces", "soft bounces"),
+        )
 
     @property
     def at_limit(self) -> bool:
@@ -100,12 +115,26 @@ def account_stats(account: GmailAccount, now: datetime | None = None) -> Account
         .annotate(n=Count("pk"))
         .order_by()
     )
+    per_bounce_day: Counter = Counter()
+    if account.pk and not account.from_settings:
+        for moment, kind in Bounce.objects.filter(
+            account=account, created_at__gte=since
+        ).values_list("created_at", "kind"):
+            per_bounce_day[(local(moment).date(), kind)] += 1
+    outbox_counts = {s: counts.get(s, 0) for s in ("sent", "queued", "deferred", "failed")}
+    outbox_counts["bounced"] = OutboundEmail.objects.filter(
+        account_email=status.address, bounced_at__gte=since
+    ).count()
     return AccountStats(
         account=account,
         status=status,
         hourly=[(h, per_hour[(h, "m")], per_hour[(h, "r")]) for h in hours],
         daily=[(d, per_day[(d, "m")], per_day[(d, "r")]) for d in days],
-        outbox={s: counts.get(s, 0) for s in ("sent", "queued", "deferred", "failed")},
+        outbox=outbox_counts,
+        bounces_daily=[
+            (d, per_bounce_day[(d, BounceKind.HARD)], per_bounce_day[(d, BounceKind.SOFT)])
+            for d in days
+        ],
     )
 
 
@@ -165,9 +194,15 @@ def waiting_too_long(now: datetime | None = None) -> Q:
 
 
 def bar_chart(
-    series: list[tuple[str, int, int]], *, title: str, width: int = 720, height: int = 170
+    series: list[tuple[str, int, int]],
+    *,
+    title: str,
+    width: int = 720,
+    height: int = 170,
+    names: tuple[str, str] = ("messages", "recipients"),
 ) -> SafeString:
-    """Paired bars (messages dark, recipients light) with a y-axis maximum and x labels.
+    """Paired bars (messages dark, recipients light; ``names`` says what the two are) with a
+    y-axis maximum and x labels.
 
     The SVG scales with the page, so on a narrow screen its text would shrink with it:
     admin.css enlarges the labels there and hides the minor ones (``gms-axis-minor``), and the
@@ -199,7 +234,7 @@ def bar_chart(
             parts.append(
                 f'<rect class="{css}" x="{x + j * bar:.1f}" y="{pad_top + plot_h - h:.1f}" '
                 f'width="{bar:.1f}" height="{h:.1f}"><title>{escape(label)}: {value} '
-                f"{'messages' if j == 0 else 'recipients'}</title></rect>"
+                f"{escape(names[j])}</title></rect>"
             )
         if i % step == 0:
             css = "gms-axis" if i % major == 0 else "gms-axis gms-axis-minor"

@@ -70,12 +70,35 @@ def sweep_outbox() -> dict[str, int]:
     return outbox.sweep()
 
 
-def beat_schedule() -> dict[str, dict]:
-    """The ready beat entry: ``app.conf.beat_schedule.update(beat_schedule())``."""
+@shared_task(name="django_gmail_smtp.tasks.read_bounces", ignore_result=True)
+def read_bounces() -> dict[str, int]:
+    """Read the bounces that reached each active account's inbox since the last run (IMAP)."""
+    from .bounces import read_all
+
+    results = read_all()
     return {
+        "accounts": len(results),
+        "unreadable": sum(not r.ok for r in results),
+        "bounces": sum(r.bounces for r in results),
+    }
+
+
+def beat_schedule() -> dict[str, dict]:
+    """The ready beat entries: ``app.conf.beat_schedule.update(beat_schedule())``. The bounce
+    reader is among them only when ``BOUNCE_INTERVAL`` is set."""
+    schedule = {
         "django-gmail-smtp-sweep-outbox": {
             "task": "django_gmail_smtp.tasks.sweep_outbox",
             "schedule": float(get_setting("SWEEP_INTERVAL")),
             "options": {"queue": get_setting("QUEUES")["transactional"], "expires": 50.0},
         }
     }
+    bounce_interval = get_setting("BOUNCE_INTERVAL")
+    if bounce_interval:
+        # On the bulk queue: reading inboxes never delays a password reset.
+        schedule["django-gmail-smtp-read-bounces"] = {
+            "task": "django_gmail_smtp.tasks.read_bounces",
+            "schedule": float(bounce_interval),
+            "options": {"queue": get_setting("QUEUES")["bulk"], "expires": float(bounce_interval)},
+        }
+    return schedule

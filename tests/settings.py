@@ -80,6 +80,7 @@ GMAIL_SMTP = {
     "TIMEOUT": 10,
     "ENCRYPTION_KEYS": ["tests-encryption-key-0123456789abcdef"],
     "EHLO_HOSTNAME": "tests.example.com",
+    "SITE_URL": "https://tests.example.com",
 }
 
 if os.environ.get("GMAIL_SMTP_TEST_SETTINGS"):

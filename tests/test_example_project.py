@@ -108,6 +108,19 @@ def test_demo_sends_password_reset_and_contact_message_through_celery(tmp_path):
     assert re.search(r"Reply-To:\s+Bob Visitor <bob@example.org>", contact), output
     assert "Does this site really send its mail through Gmail?" in contact, output
 
+    # The newsletter: 12 readers at 9 a day (10, less the transactional share), paced over two
+    # days by the planner on the demo's clock, sent by the worker; a one-click unsubscribe
+    # (POST, no cookie, no CSRF token) keeps the next issue from her.
+    newsletter = out.split("=== Newsletter", 1)[-1]
+    assert "Forecast before starting: about 1 day 8 hours at 9/day across 1 account" in newsletter
+    assert re.search(r"Tue \d\d:\d\d  \[#+\] 12 sent,  0 waiting   finished", newsletter), output
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in newsletter, output
+    assert "GET  (what a link scanner does)    -> 200" in newsletter, output
+    assert "is still subscribed" in newsletter, output
+    assert "POST List-Unsubscribe=One-Click   -> 200 (no redirect)" in newsletter, output
+    assert "Every other reader got 2, grace@example.net 1" in newsletter, output
+    assert "The busiest 24 hours: 9 messages from news@example.com" in newsletter, output
+
     # The worker was stopped, and it really sent the row, on the demo's own database and broker.
     assert re.search(r"Stopping the Celery worker \(SIGTERM\)\.\.\.\n  (stopped|not stopped)", out)
     with pytest.raises(ProcessLookupError):

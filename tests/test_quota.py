@@ -58,11 +58,15 @@ def test_presets_and_overrides():
     account = GmailAccount(email="a@example.com")
     assert account.limits() == quota.Limits(messages=500, recipients=None, per_message=100)
     account.limits_preset = "workspace"
-    assert account.limits() == quota.Limits(messages=2000, recipients=10000, per_message=100)
+    assert account.limits() == quota.Limits(
+        messages=2000, recipients=10000, per_message=100, external_recipients=2000
+    )
     account.limits_preset = "workspace_trial"
     assert account.limits().messages == 500
     account.daily_limit, account.daily_recipient_limit = 1500, 3000
-    assert account.limits() == quota.Limits(messages=1500, recipients=3000, per_message=100)
+    assert account.limits() == quota.Limits(
+        messages=1500, recipients=3000, per_message=100, external_recipients=500
+    )
 
 
 def test_zero_daily_limit_means_zero(account):

@@ -61,6 +61,18 @@ WRONG = {
     "BODY_RETENTION_DAYS": ("7d", "str"),
     "MAX_MESSAGE_SIZE": ("25MB", "str"),
     "TRANSPORT_CLASS": (42, "int"),
+    "IMAP_HOST": (["imap.gmail.com"], "list"),
+    "IMAP_PORT": ("993", "str"),
+    "BOUNCE_INTERVAL": ("10m", "str"),
+    "BOUNCE_SOFT_LIMIT": (2.5, "float"),
+    "BOUNCE_ACTION": ("archive", "str"),
+    "BOUNCE_LABEL": (42, "int"),
+    "SITE_URL": ("www.example.com", "str"),
+    "NEWSLETTER_TICK": ("1m", "str"),
+    "NEWSLETTER_AUDIENCES": (["myapp.audiences.active_users"], "list"),
+    "NEWSLETTER_ALIGNED_DOMAINS": ("example.com", "str"),
+    "NEWSLETTER_BREAKER_RATE": ("5%", "str"),
+    "NEWSLETTER_BREAKER_MINIMUM": (0, "int"),
 }
 SECRETS = {"CLIENT_SECRET", "ENCRYPTION_KEYS"}
 

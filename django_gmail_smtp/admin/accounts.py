@@ -7,15 +7,17 @@ Every operation (verify, send a test, refresh, pause, resume, connect) is a call
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from functools import update_wrapper
 from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Field, QuerySet
+from django.db.models import Count, Field, Q, QuerySet
 from django.http import HttpRequest
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from .. import quota, services
@@ -134,6 +136,11 @@ class GmailAccountForm(forms.ModelForm):
         super()._post_clean()  # type: ignore[misc]  # private hook, not in django-stubs
 
 
+def _bounce_window_start() -> datetime:
+    """The start of the 30 days the accounts' bounce counts cover."""
+    return timezone.now() - timedelta(days=30)
+
+
 def _status(account: GmailAccount) -> quota.QuotaStatus:
     """The account's quota, computed once per row object (columns share it)."""
     status: quota.QuotaStatus | None = getattr(account, _QUOTA_STATUS_ATTR, None)
@@ -149,11 +156,26 @@ class GmailAccountAdmin(OfferedLookupsOnly, admin.ModelAdmin):
     ``send_test_gmailaccount`` (test mail)."""
 
     form = GmailAccountForm
-    list_display = ("email", "auth_method", "health_badge", "quota_bar", "last_send", "active")
+    list_display = (
+        "email",
+        "auth_method",
+        "health_badge",
+        "quota_bar",
+        "last_send",
+        "bounce_count",
+        "active",
+    )
     list_filter = ("auth_method", "health", "is_active", "limits_preset")
     search_fields = ("email", "send_as_aliases")
     actions = ["verify", "send_test", "refresh_token_action", "pause", "resume"]
-    readonly_fields = ("health", "health_detail", "health_checked_at", "last_sent_at", "quota")
+    readonly_fields = (
+        "health",
+        "health_detail",
+        "health_checked_at",
+        "last_sent_at",
+        "quota",
+        "bounce_reading",
+    )
     # Shown instead of a secret wherever it would be read-only (view-only users).
     secret_states = {name: f"{name}_state" for name in SECRET_FIELDS}
     app_password_state = _secret_state("app_password")
@@ -194,7 +216,15 @@ class GmailAccountAdmin(OfferedLookupsOnly, admin.ModelAdmin):
         ),
         (
             "Health",
-            {"fields": ("health", "health_detail", "health_checked_at", "last_sent_at")},
+            {
+                "fields": (
+                    "health",
+                    "health_detail",
+                    "health_checked_at",
+                    "last_sent_at",
+                    "bounce_reading",
+                )
+            },
         ),
     )
 
@@ -248,6 +278,33 @@ class GmailAccountAdmin(OfferedLookupsOnly, admin.ModelAdmin):
     @admin.display(description="last send", ordering="last_sent_at")
     def last_send(self, obj: GmailAccount) -> str:
         return moment(obj.last_sent_at, empty="never")
+
+    @admin.display(description="bounces (30 days)", ordering="gms_bounces")
+    def bounce_count(self, obj: GmailAccount) -> str:
+        count = getattr(obj, "gms_bounces", None)
+        if count is None:
+            count = obj.bounces.filter(created_at__gte=_bounce_window_start()).count()
+        if not count:
+            return "0"
+        url = reverse("admin:django_gmail_smtp_bounce_changelist")
+        return format_html('<a href="{}?account__id__exact={}">{}</a>', url, obj.pk, count)
+
+    @admin.display(description="bounce reading (IMAP)")
+    def bounce_reading(self, obj: GmailAccount) -> str:
+        """The bounce reader's IMAP login: its own health, apart from sending's."""
+        from ..models import BounceMailbox
+
+        mailbox = BounceMailbox.objects.filter(account_id=obj.pk).first()
+        if mailbox is None:
+            return "Not read yet (manage.py gmail_smtp bounces, or BOUNCE_INTERVAL)."
+        text = f"{mailbox.get_health_display()}; last read {moment(mailbox.last_read_at)}"
+        if mailbox.health_detail:
+            text += f". Last problem ({moment(mailbox.checked_at)}): {mailbox.health_detail}"
+        return text
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        recent = Q(bounces__created_at__gte=_bounce_window_start())
+        return super().get_queryset(request).annotate(gms_bounces=Count("bounces", filter=recent))
 
     @admin.display(description="active", boolean=True, ordering="is_active")
     def active(self, obj: GmailAccount) -> bool:

@@ -113,6 +113,7 @@ class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
                     "attempt_summary",
                     "next_attempt_at",
                     "sent_at",
+                    "bounce_list",  # reports read back from the account's inbox
                     "gmail_reply",
                     "refused_list",
                     "retry_of",  # recipients Gmail refused temporarily are retried in a new row
@@ -231,7 +232,19 @@ class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
             '<span class="gms-badge gms-status-{}" title="{}">{}</span>',
             obj.status,
             obj.last_error,
-            obj.get_status_display() + (f" ({obj.get_reason_display()})" if obj.reason else ""),
+            obj.get_status_display()
+            + (f" ({obj.get_reason_display()})" if obj.reason else "")
+            + (", bounced" if obj.bounced_at else ""),
+        )
+
+    @admin.display(description="bounces")
+    def bounce_list(self, obj: OutboundEmail) -> str:
+        bounces = list(obj.bounces.all())
+        if not bounces:
+            return "none"
+        return "; ".join(
+            f"{b.recipient}: {b.get_kind_display()} {b.code} {b.diagnostic}".strip()
+            for b in bounces
         )
 
     # --- one message -------------------------------------------------------------------------

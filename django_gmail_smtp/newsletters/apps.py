@@ -9,4 +9,5 @@ class NewslettersConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import receivers  # noqa: F401  (connects the outbox's signals)
+        # Registers the system checks; connects the outbox's and the bounce reader's signals.
+        from . import bounce_receivers, checks, receivers  # noqa: F401

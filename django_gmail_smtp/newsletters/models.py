@@ -38,7 +38,7 @@ class MailingList(models.Model):
         blank=True,
         help_text=_(
             "The default From of its campaigns and confirmation mail, such as "
-            "'News <news@example.com>'; empty: DEFAULT_FROM_EMAIL."
+            "news@example.com, with an optional display name; empty: DEFAULT_FROM_EMAIL."
         ),
     )
     double_opt_in = models.BooleanField(
@@ -224,7 +224,8 @@ class Campaign(models.Model):
         max_length=320,
         blank=True,
         help_text=_(
-            "Such as 'News <news@example.com>'; empty: the list's, else DEFAULT_FROM_EMAIL."
+            "An address such as news@example.com, with an optional display name; empty: the "
+            "list's, else DEFAULT_FROM_EMAIL."
         ),
     )
     reply_to = models.CharField(_("Reply-To"), max_length=320, blank=True)

@@ -24,6 +24,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_gmail_smtp",
+    "django_gmail_smtp.newsletters",  # optional: lists, campaigns, one-click unsubscribe
     "contact",
 ]
 MIDDLEWARE = [
@@ -61,6 +62,9 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 STATIC_URL = "static/"
 LOGIN_REDIRECT_URL = "/"
+# The demo (demo.py) serves the site over http://, so it silences the newsletters' warning
+# that one-click unsubscribe links should be https (gmail_smtp_newsletters.W001).
+SILENCED_SYSTEM_CHECKS = env.list("SILENCED_SYSTEM_CHECKS", default=[])
 
 # --- Mail --------------------------------------------------------------------------------------
 # The From of mail the site sends. It should be a Gmail account's address or one of its
@@ -81,6 +85,13 @@ GMAIL_SMTP = {
     "TOKEN_URI": env("GMAIL_SMTP_TOKEN_URI", default=None),  # Google's OAuth token endpoint
     "AUTH_URI": env("GMAIL_SMTP_AUTH_URI", default=None),
     "ENCRYPTION_KEYS": env.list("GMAIL_SMTP_ENCRYPTION_KEYS", default=None),
+    # Newsletters (django_gmail_smtp.newsletters): absolute links in their mail (unsubscribe,
+    # web archive, subscription confirmation) start with the site's public https:// address.
+    "SITE_URL": env("GMAIL_SMTP_SITE_URL", default="https://www.example.com"),
+    # Seconds between the planner's ticks (its beat entry, see example_project/celery.py).
+    "NEWSLETTER_TICK": env.int("GMAIL_SMTP_NEWSLETTER_TICK", default=None),
+    # Campaigns may go to a list or to one of these querysets (the admin offers their names).
+    "NEWSLETTER_AUDIENCES": {"Active users": "example_project.audiences.active_users"},
 }
 
 # Optional: an App Password account to log in as, so the site can send before you add an

@@ -18,7 +18,8 @@ class Command(BaseCommand):
         "works and what to fix; `send-test TO` sends one test message; `quota` shows each "
         "account's use of its 24-hour limits; `authorize EMAIL` connects an account with "
         "Google; `retry`, `cancel` and `purge` manage the outbox; `rotate-keys` re-encrypts "
-        "secrets. Run "
+        "secrets; `bounces` reads the bounces in the accounts' inboxes; `newsletter ...` works "
+        "with the newsletters sub-app. Run "
         "`manage.py gmail_smtp SUBCOMMAND --help` for each subcommand's options."
     )
 
@@ -133,7 +134,29 @@ class Command(BaseCommand):
             **kw,
         )
 
+        # Added always, so that without the sub-app it says how to install it.
+        from django_gmail_smtp.newsletters import cli as newsletter_cli
+
+        newsletter_cli.add_parser(sub, **kw)
+
+        bounces = sub.add_parser(
+            "bounces",
+            help="read the bounces in each account's inbox (IMAP) and record them",
+            description="Log in to each active account's inbox over IMAP (IMAP_HOST, with the "
+            "account's App Password or OAuth token), read the delivery reports that arrived "
+            "since the last run, and record each bounced recipient of the outbox once (a hard "
+            "bounce suppresses the address in the newsletters). Exits 1 if an inbox could not "
+            "be read.",
+            **kw,
+        )
+        bounces.add_argument("--account", metavar="EMAIL", help="read only this account's inbox")
+
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["subcommand"] == "newsletter":
+            from django_gmail_smtp.newsletters import cli as newsletter_cli
+
+            newsletter_cli.handle(self, options)
+            return
         handler = getattr(self, "handle_" + options["subcommand"].replace("-", "_"))
         handler(**options)
 
@@ -203,6 +226,25 @@ class Command(BaseCommand):
                 self.style.SUCCESS(f"OK    Celery: app {app.main!r}, broker {broker} answers")
             )
         return any(problem.stops_mail for problem in problems)
+
+    # --- bounces ---------------------------------------------------------------------------------
+    def handle_bounces(self, account: str | None = None, **options: Any) -> None:
+        from django_gmail_smtp.bounces import read_all
+
+        accounts = GmailAccount.objects.active().order_by("pk")
+        if account:
+            accounts = accounts.filter(email=normalize_address(account))
+        if not accounts:
+            raise CommandError(
+                f"No active account {account}." if account else "No active Gmail account."
+            )
+        results = read_all(accounts)
+        for result in results:
+            style = self.style.SUCCESS if result.ok else self.style.ERROR
+            self.stdout.write(style(("OK    " if result.ok else "FAIL  ") + result.text))
+        failed = sum(not r.ok for r in results)
+        if failed:
+            raise CommandError(f"{failed} inbox(es) could not be read; see above.")
 
     # --- quota -----------------------------------------------------------------------------------
     def handle_quota(self, account: str | None = None, **options: Any) -> None:

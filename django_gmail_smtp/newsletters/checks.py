@@ -1,0 +1,42 @@
+"""System checks of the newsletters: ids ``gmail_smtp_newsletters.E0xx`` / ``W0xx``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.apps import apps
+from django.core.checks import Error, Warning, register
+
+from ..conf import get_setting
+from ..exceptions import GmailConfigurationError
+
+
+@register()
+def check_site_url(app_configs: Any = None, **kwargs: Any) -> list:
+    """Newsletter mail needs absolute links: SITE_URL, or the sites framework."""
+    try:
+        site_url = get_setting("SITE_URL")
+    except GmailConfigurationError:
+        return []  # the main app's settings check reports the bad value
+    if not site_url:
+        if apps.is_installed("django.contrib.sites"):
+            return []
+        return [
+            Error(
+                "Newsletter mail needs absolute links (unsubscribe, archive, confirm), and "
+                'neither GMAIL_SMTP["SITE_URL"] is set nor django.contrib.sites installed.',
+                hint='Set GMAIL_SMTP["SITE_URL"] to your site\'s address, such as '
+                '"https://www.example.com".',
+                id="gmail_smtp_newsletters.E001",
+            )
+        ]
+    if str(site_url).lower().startswith("http://"):
+        return [
+            Warning(
+                f'GMAIL_SMTP["SITE_URL"] is {site_url!r}: Gmail expects the one-click unsubscribe '
+                "link (List-Unsubscribe) to be HTTPS.",
+                hint="Use the https:// address of the site.",
+                id="gmail_smtp_newsletters.W001",
+            )
+        ]
+    return []
