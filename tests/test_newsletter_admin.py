@@ -156,6 +156,9 @@ def test_viewer_sees_no_buttons_superuser_does(client, news):
     draft, running = news["draft"], news["running"]
     client.force_login(USERS["superuser"]())
     page = client.get(url("campaign_change", running.pk)).content.decode()
+    assert "Retry failed" not in page  # nothing failed: nothing to retry
+    running.recipients.filter(email="ann@example.net").update(status="failed")
+    page = client.get(url("campaign_change", running.pk)).content.decode()
     for button in ("Pause", "Cancel campaign", "Retry failed", "Recipients", "Send test"):
         assert button in page, button
     assert "Start sending" in client.get(url("campaign_change", draft.pk)).content.decode()
@@ -298,11 +301,34 @@ def test_recipients_filtered_by_campaign_link_to_the_outbox(client, news):
         url("campaignrecipient_changelist") + f"?campaign__id__exact={running.pk}"
     ).content.decode()
     assert "ann@example.net" in page and "zed@example.net" not in page
+    # The account and the outbox row are on the recipient's own page (the list fits 1280 px).
+    page = client.get(url("campaignrecipient_change", recipient.pk)).content.decode()
     assert reverse("admin:django_gmail_smtp_outboundemail_change", args=[row.pk]) in page
     page = client.get(
         url("campaignrecipient_changelist") + "?status__exact=queued"
     ).content.decode()
     assert "ann@example.net" in page and "bob@example.net" not in page
+
+
+def test_bounces_per_campaign_and_per_account(client, news):
+    """The changelist's "bounced" column and the progress panel's per-account split count the
+    recipients whose mail bounced; a finished campaign's panel says "finished" once (no pace
+    repeating it)."""
+    running = news["running"]
+    running.recipients.update(status=CampaignRecipient.Status.SENT, account_email=SENDER)
+    running.recipients.filter(email="ann@example.net").update(
+        status=CampaignRecipient.Status.BOUNCED
+    )
+    client.force_login(USERS["viewer"]())
+    listing = client.get(url("campaign_changelist")).content.decode()
+    assert re.search(r'class="field-bounced_column">1 \(50\.0%\)<', listing), listing
+    planner.tick()  # nothing waits: it finishes
+    running.refresh_from_db()
+    assert running.status == Campaign.Status.FINISHED
+    page = client.get(url("campaign_change", running.pk)).content.decode()
+    assert "<th>Bounced</th>" in page
+    assert f"<tr><td>{SENDER}</td><td>1</td><td>0</td><td>1</td>" in page
+    assert "<th>Pace</th>" not in page and "finished: 1 sent" not in page
 
 
 # --- lists: counts and CSV import ----------------------------------------------------------------
@@ -380,6 +406,37 @@ def test_import_without_activate_awaits_confirmation(client, news):
     assert fresh.status == Subscriber.Status.PENDING and fresh.consent_at is None
     assert Subscriber.objects.get(email="cy@example.net").status == Subscriber.Status.PENDING
     assert response.context["report"].unchanged == 1
+
+
+def test_import_sends_confirmation_mail_when_asked(client, news, sandbox):
+    sandbox.bad_recipients = {"refused@example.net"}
+    client.force_login(USERS["superuser"]())
+    page = client.get(url("mailinglist_import", news["list"].pk)).content.decode()
+    assert "Send them the confirmation mail" in page
+    content = b"email,name\nfresh@example.net,Fresh\nrefused@example.net,No\ncy@example.net,Cy\n"
+    response = client.post(
+        url("mailinglist_import", news["list"].pk),
+        {"file": upload(content), "send_confirmations": "on"},
+    )
+    report = response.context["report"]
+    assert (report.added, report.confirmations_sent, report.confirmations_failed) == (2, 1, 1)
+    page = response.content.decode()
+    assert "Confirmation mail sent to 1 person; not sent to 1" in page
+    assert "refused@example.net: " in page
+    [delivered] = sandbox.wait_for(1)
+    assert delivered.rcpt_tos == ["fresh@example.net"]  # cy was on the list already
+    assert "/newsletters/confirm/" in delivered.data.decode()
+    # Subscribing now and mailing a confirmation contradict each other: refused, nothing done.
+    response = client.post(
+        url("mailinglist_import", news["list"].pk),
+        {
+            "file": upload(b"email\nlate@example.net\n"),
+            "activate": "on",
+            "send_confirmations": "on",
+        },
+    )
+    assert "Choose one: subscribe them now" in response.content.decode()
+    assert not Subscriber.objects.filter(email="late@example.net").exists()
 
 
 def test_import_refuses_a_file_it_cannot_read_and_changes_nothing(client, news):
@@ -610,11 +667,17 @@ def test_pause_resume_cancel_retry_through_the_admin(client, news):
     response = client.post(post_url(news, "pause"), follow=True)
     assert "Paused: nothing more goes into the outbox" in response.content.decode()
     running.refresh_from_db()
-    assert running.status == Campaign.Status.PAUSED and "Paused by root" in running.paused_reason
+    assert running.status == Campaign.Status.PAUSED
+    assert re.fullmatch(r"Paused by root on \d{4}-\d\d-\d\d \d\d:\d\d \w+\.", running.paused_reason)
     change = client.get(url("campaign_change", running.pk)).content.decode()
-    assert "gms-nl-paused" in change and "Paused by root in the admin." in change
+    # Said once, plainly: the status says who paused it and when; no "Waiting: paused: ...".
+    assert "gms-nl-paused" in change and change.count(running.paused_reason) == 1
+    assert "Paused: Paused" not in change and "paused: Paused" not in change
     listing = client.get(url("campaign_changelist")).content.decode()
     assert "0 / 2" in listing  # the compact progress column
+    # Nothing failed: the button says so rather than "0 will be sent again".
+    response = client.post(post_url(news, "retry-failed"), follow=True)
+    assert "No failed recipient to send again." in response.content.decode()
     client.post(post_url(news, "resume"))
     running.refresh_from_db()
     assert running.status == Campaign.Status.RUNNING

@@ -9,6 +9,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from django_gmail_smtp.models import GmailAccount
 from django_gmail_smtp.newsletters import campaigns, cli
 from django_gmail_smtp.newsletters.models import (
     Campaign,
@@ -124,6 +125,35 @@ def test_estimate_of_a_draft(news):
     assert "was started" in started and "0/2 sent" in started
 
 
+def test_estimate_says_each_thing_once_with_thousands_separators(news):
+    big = MailingList.objects.create(name="Big", slug="big", from_email=SENDER)
+    Subscriber.objects.bulk_create(
+        Subscriber(mailing_list=big, email=f"r{i}@example.net", status=Subscriber.Status.ACTIVE)
+        for i in range(4000)
+    )
+    draft = Campaign.objects.create(
+        name="Big letter", mailing_list=big, subject="Big", text_template="Hi"
+    )
+    out = newsletter("estimate", str(draft.pk))
+    assert "Big letter: 4,000 recipient(s), about" in out
+    assert "warning at 4,000, limit 5,000 a day" in out
+    # An account that cannot send: no pace to tell, the reason once.
+    GmailAccount.objects.update(is_active=False)
+    out = newsletter("estimate", str(draft.pk))
+    assert "Big letter: 4,000 recipient(s)." in out
+    [reason] = [line for line in out.splitlines() if line.startswith("Waiting now: ")]
+    assert out.count(reason.removeprefix("Waiting now: ")) == 1, out
+
+
+def test_progress_of_a_finished_campaign_says_it_once(news):
+    running = news["running"]
+    running.recipients.update(status=CampaignRecipient.Status.SENT, account_email=SENDER)
+    assert campaigns.finish_if_done(running)
+    out = newsletter("progress", str(running.pk))
+    assert "2/2 sent" in out and "| finished" in out
+    assert "Pace:" not in out and "0 failed" not in out and "retry-failed" not in out
+
+
 def test_unknown_campaign_in_plain_words(news):
     for command in ("estimate", "start", "pause", "resume", "cancel", "retry-failed", "progress"):
         message = failing(command, "999999")
@@ -170,11 +200,27 @@ def test_pause_resume_cancel_retry(news):
     running.refresh_from_db()
     assert running.status == Campaign.Status.PAUSED
     assert running.paused_reason == "checking the links"
-    assert "Waiting: paused: checking the links" in newsletter("progress", pk)
+    out = newsletter("progress", pk)
+    assert "Paused: checking the links" in out and out.count("checking the links") == 1
     assert "Resumed Winter letter." in newsletter("resume", pk)
     assert "only a paused campaign can be resumed" in failing("resume", pk)
+    # Paused without a reason: who and when, said once.
+    newsletter("pause", pk)
+    out = newsletter("progress", pk)
+    assert re.search(r"^Paused by .+ with manage\.py on \d{4}-\d\d-\d\d", out, re.M), out
+    assert out.count("Paused by") == 1 and "paused: paused" not in out.lower()
+    newsletter("resume", pk)
+    # Nothing failed: nothing to retry, and no hint to.
+    assert "retry-failed" not in newsletter("progress", pk)
+    assert (
+        newsletter("retry-failed", pk).strip()
+        == "Nothing to retry: no recipient of Winter letter failed."
+    )
     CampaignRecipient.objects.filter(campaign=running, email="bob@example.net").update(
         status=CampaignRecipient.Status.FAILED
+    )
+    assert f"1 failed: `manage.py gmail_smtp newsletter retry-failed {pk}`" in newsletter(
+        "progress", pk
     )
     assert "1 failed recipient(s) of Winter letter" in newsletter("retry-failed", pk)
     assert "Cancelled Winter letter" in newsletter("cancel", pk)
@@ -246,6 +292,24 @@ def test_import(news, tmp_path):
     assert new.status == Subscriber.Status.ACTIVE and new.fields == {"city": "Lyon"}
     assert new.consent_source.startswith("people.csv, imported by ")
     assert "with manage.py" in new.consent_source
+
+
+def test_import_sends_confirmation_mail_when_asked(news, sandbox, tmp_path):
+    sandbox.bad_recipients = {"refused@example.net"}
+    path = tmp_path / "people.csv"
+    path.write_text("email\nfresh@example.net\nrefused@example.net\ncy@example.net\n")
+    out = newsletter("import", "news", str(path), "--send-confirmations")
+    assert "2 added (awaiting confirmation), 0 updated, 1 already on the list unchanged" in out
+    assert "Confirmation mail sent to 1, not sent to 1 (see below)." in out
+    assert "confirmation mail not sent: refused@example.net: " in out
+    [delivered] = sandbox.wait_for(1)
+    assert delivered.rcpt_tos == ["fresh@example.net"]  # cy was on the list already
+    assert "https://news.example.org/newsletters/confirm/" in delivered.message.get_body(
+        ("plain",)
+    ).get_content().replace("=\n", "")
+    assert Subscriber.objects.get(email="refused@example.net").status == "pending"
+    message = failing("import", "news", str(path), "--send-confirmations", "--activate")
+    assert message.startswith("Choose one: --activate subscribes them at once")
 
 
 def test_import_errors_in_plain_words(news, tmp_path):

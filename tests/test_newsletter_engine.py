@@ -671,7 +671,59 @@ def test_progress_counts_every_status(news, clock):
     campaign.pause("later")
     progress = campaign.progress()
     assert (progress.total, progress.pending, progress.bounced) == (4, 3, 1)
-    assert progress.waiting_reason == "paused: later" and progress.eta is None
+    assert progress.waiting_reason == "Paused: later" and progress.eta is None
+    # A reason that says it paused is not said twice ("Paused: Paused by ...").
+    Campaign.objects.filter(pk=campaign.pk).update(paused_reason="Paused by alice on today.")
+    campaign.refresh_from_db()
+    assert campaign.progress().waiting_reason == "Paused by alice on today."
+
+
+def test_bounces_count_per_account(news, clock):
+    campaign = started(3)
+    CampaignRecipient.objects.filter(campaign=campaign).update(status="sent", account_email=NEWS)
+    CampaignRecipient.objects.filter(email="reader0@example.net").update(status="bounced")
+    progress = campaign.progress()
+    [account] = progress.accounts
+    assert (account.email, account.sent, account.bounced) == (NEWS, 2, 1)
+    assert progress.bounced == 1
+
+
+def fill_window_evenly(account: GmailAccount, clock: Clock, *, count: int, every: timedelta):
+    """Bulk sends of ``account`` spread over the window, as a campaign on its pace leaves it:
+    one every ``every``, the last one now."""
+    for n in range(count):
+        if n:
+            clock.advance(every)
+        quota.reserve(account, 1, priority=quota.BULK)
+
+
+def test_no_waiting_reason_on_pace(news, clock):
+    """A campaign sending exactly at its accounts' pace fills their window: it has no room
+    now, but a slot frees before the pace wants the next message. It is not held back."""
+    news.daily_limit = 10  # 9 of bulk mail: one every 2 hours 40 minutes
+    news.save()
+    fill_window_evenly(news, clock, count=9, every=timedelta(minutes=160))
+    clock.advance(timedelta(minutes=10))  # the first of them leaves the window within 2.5 h
+    campaign = started(20)
+    plan = planner.budget(campaign, clock.now)
+    assert plan.left == 0 and "quota is used up" in plan.waiting_reason  # the planner's view
+    progress = campaign.progress()
+    assert progress.waiting_reason == ""
+    assert "waiting" not in progress.describe() and progress.eta is not None
+
+
+def test_waiting_reason_when_held_back_by_a_full_window(news, clock):
+    """Sent in a burst (by hand, or another tool): the window frees only in about a day, far
+    behind the campaign's pace. That is waiting, and it says why."""
+    news.daily_limit = 10
+    news.save()
+    for _ in range(9):
+        quota.reserve(news, 1, priority=quota.BULK)
+    clock.advance(HOUR)
+    progress = started(20).progress()
+    assert "quota is used up" in progress.waiting_reason
+    assert "(waiting now: its accounts' quota is used up" in progress.describe()
+    assert "waiting" not in progress.describe(with_reason=False)
 
 
 def test_beat_schedule_plans_on_the_transactional_queue(settings):

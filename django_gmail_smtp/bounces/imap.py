@@ -268,16 +268,18 @@ class Inbox:
         """UIDs above ``after`` of messages that look like delivery reports, ascending."""
         imap = self._require()
         try:
-            data = self._command(
-                "UID SEARCH", imap.uid, "SEARCH", f"UID {after + 1}:*", _REPORT_SEARCH
-            )
+            return self.search_uids(after, _REPORT_SEARCH)
         except IMAPUnavailable:
             if self._imap is None or imap.state != "SELECTED":
                 raise
             # A server that does not search by header: the reports' senders alone.
-            data = self._command(
-                "UID SEARCH", imap.uid, "SEARCH", f"UID {after + 1}:*", _SENDER_SEARCH
-            )
+            return self.search_uids(after, _SENDER_SEARCH)
+
+    def search_uids(self, after: int, criteria: str) -> list[int]:
+        """UIDs above ``after`` of messages matching the IMAP SEARCH ``criteria`` (such as
+        ``SUBJECT "unsubscribe"``), ascending."""
+        imap = self._require()
+        data = self._command("UID SEARCH", imap.uid, "SEARCH", f"UID {after + 1}:*", criteria)
         uids = sorted({int(n) for n in _text(data).split() if n.isdigit()})
         # "n:*" always matches the last message, even when its UID is below n.
         return [uid for uid in uids if uid > after]

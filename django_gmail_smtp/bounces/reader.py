@@ -6,15 +6,23 @@ in :class:`~django_gmail_smtp.models.BounceMailbox`, with the IMAP login's healt
 account's own: an inbox that cannot be read never holds back the account's mail. A report is
 recorded once per recipient (keyed by the report's Message-ID), so reading it again, or the
 whole inbox again after a UIDVALIDITY change, counts nothing twice.
+
+Other mail in the same inbox can be acted on by handlers another app registers
+(:func:`register_inbox_handler`): the newsletters sub-app, when installed, registers one for the
+unsubscribe emails that ``List-Unsubscribe``'s mailto sends. The core knows nothing of them.
 """
 
 from __future__ import annotations
 
+import email
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from datetime import timezone as dt_timezone
+from email import policy
+from email.message import EmailMessage
 from email.utils import getaddresses
 
 from django.conf import settings
@@ -38,10 +46,56 @@ from .parse import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReadResult", "read_account", "read_all", "record_report"]
+__all__ = [
+    "InboxHandler",
+    "ReadResult",
+    "inbox_handlers",
+    "read_account",
+    "read_all",
+    "record_report",
+    "register_inbox_handler",
+    "unregister_inbox_handler",
+]
 
 #: reports handled between two saves of the cursor
 BATCH = 50
+
+
+@dataclass(frozen=True)
+class InboxHandler:
+    """Mail other than delivery reports that the reader acts on in each inbox it reads.
+
+    ``search``: IMAP SEARCH criteria finding the candidates among the new messages (such as
+    ``SUBJECT "unsubscribe"``). ``handle(account, message)`` gets each candidate, parsed
+    (``email.policy.default``); it returns True when it acted on it (the message is then
+    labelled or moved like a report, when ``BOUNCE_ACTION`` says so, and counted as
+    ``label`` in the run's summary), False to leave it as it is. What it raises is logged,
+    and the other messages are still read.
+    """
+
+    name: str
+    search: str
+    handle: Callable[[GmailAccount, EmailMessage], bool]
+    label: str = "other message(s) acted on"
+
+
+_handlers: dict[str, InboxHandler] = {}
+
+
+def register_inbox_handler(handler: InboxHandler) -> None:
+    """Have the reader act on the mail ``handler`` finds (registered again under the same
+    name, it replaces the earlier one). Call it from an app's ``ready()``."""
+    _handlers[handler.name] = handler
+
+
+def unregister_inbox_handler(name: str) -> None:
+    """Stop acting on the mail of the handler registered as ``name`` (if any)."""
+    _handlers.pop(name, None)
+
+
+def inbox_handlers() -> list[InboxHandler]:
+    """The registered handlers, in the order they were registered."""
+    return list(_handlers.values())
 
 
 @dataclass
@@ -64,6 +118,8 @@ class ReadResult:
     duplicates: int = 0
     #: reports that could not be read (left in the inbox as they are)
     malformed: int = 0
+    #: other mail the registered handlers acted on, by their labels
+    handled: Counter = field(default_factory=Counter)
 
     @property
     def text(self) -> str:
@@ -77,6 +133,7 @@ class ReadResult:
             count = getattr(self, name)
             if count:
                 parts.append(f"{count} {name}")
+        parts.extend(f"{count} {label}" for label, count in self.handled.items() if count)
         return f"{self.account}: " + ", ".join(parts)
 
 
@@ -118,14 +175,18 @@ def read_account(account: GmailAccount) -> ReadResult:
                         account.email,
                     )
                 mailbox.uid_validity, mailbox.last_uid = state.uid_validity, 0
-            uids = inbox.report_uids(mailbox.last_uid)
+            reports = set(inbox.report_uids(mailbox.last_uid))
+            others = _other_uids(inbox, account, mailbox.last_uid)
+            uids = sorted(reports | set(others))
             for start in range(0, len(uids), BATCH):
                 batch = uids[start : start + BATCH]
-                processed = [
-                    uid
-                    for uid, raw in inbox.fetch(batch)
-                    if _handle(account, mailbox, uid, raw, result)
-                ]
+                processed = []
+                for uid, raw in inbox.fetch(batch):
+                    done = uid in reports and _handle(account, mailbox, uid, raw, result)
+                    if not done and uid in others:
+                        done = _handle_other(account, uid, raw, others[uid], result)
+                    if done:
+                        processed.append(uid)
                 if action and processed:
                     inbox.file(processed, action, label)
                 mailbox.last_uid = max(mailbox.last_uid, batch[-1])
@@ -145,6 +206,55 @@ def read_account(account: GmailAccount) -> ReadResult:
     if result.reports or result.malformed:
         logger.info("Bounce reader: %s", result.text)
     return result
+
+
+def _other_uids(inbox: Inbox, account: GmailAccount, after: int) -> dict[int, list[InboxHandler]]:
+    """The new messages each registered handler's search finds: UID -> its handlers."""
+    found: dict[int, list[InboxHandler]] = {}
+    for handler in inbox_handlers():
+        try:
+            uids = inbox.search_uids(after, handler.search)
+        except IMAPError as exc:  # a broken connection fails the next command too
+            logger.warning(
+                "The inbox of %s could not be searched for %s (%s); the reports are still read",
+                account.email,
+                handler.label,
+                exc.detail,
+            )
+            continue
+        for uid in uids:
+            found.setdefault(uid, []).append(handler)
+    return found
+
+
+def _handle_other(
+    account: GmailAccount,
+    uid: int,
+    raw: bytes,
+    handlers: list[InboxHandler],
+    result: ReadResult,
+) -> bool:
+    """Give one message to the handlers whose search found it; True once one acted on it."""
+    try:
+        message = email.message_from_bytes(raw, policy=policy.default)
+    except Exception:  # a message the email package chokes on must not stop the others
+        logger.exception("UID %s in the inbox of %s cannot be parsed", uid, account.email)
+        return False
+    for handler in handlers:
+        try:
+            acted = handler.handle(account, message)
+        except Exception:
+            logger.exception(
+                "The inbox handler %r failed on UID %s in the inbox of %s; it is left as it is",
+                handler.name,
+                uid,
+                account.email,
+            )
+            continue
+        if acted:
+            result.handled[handler.label] += 1
+            return True
+    return False
 
 
 def _save_cursor(mailbox: BounceMailbox) -> None:

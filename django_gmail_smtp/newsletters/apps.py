@@ -9,5 +9,8 @@ class NewslettersConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Registers the system checks; connects the outbox's and the bounce reader's signals.
-        from . import bounce_receivers, checks, receivers  # noqa: F401
+        # Registers the system checks; connects the outbox's and the bounce reader's signals;
+        # has the bounce reader act on the unsubscribe emails of List-Unsubscribe's mailto.
+        from . import bounce_receivers, checks, mailto, receivers  # noqa: F401
+
+        mailto.register()

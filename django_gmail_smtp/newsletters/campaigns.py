@@ -16,7 +16,7 @@ import re
 from collections.abc import Generator, Iterator
 from contextlib import suppress as suppress_error
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -577,6 +577,8 @@ class AccountProgress:
     email: str
     sent: int = 0
     queued: int = 0
+    #: its messages to this campaign's recipients that bounced (read back by the bounce reader)
+    bounced: int = 0
     #: the messages a day it sends of this campaign at full pace
     capacity_per_day: int = 0
 
@@ -619,8 +621,11 @@ class Progress:
         """Share of recipients handled (sent, failed, suppressed, ...), 0 to 100."""
         return 100.0 if not self.total else round(100.0 * self.done / self.total, 1)
 
-    def describe(self) -> str:
-        """One line for people: "about 3 days 4 hours at 450/day across 1 account"."""
+    def describe(self, *, with_reason: bool = True) -> str:
+        """One line for people: "about 3 days 4 hours at 450/day across 1 account".
+
+        ``with_reason=False``: without why it waits, for a page that says that on a line of
+        its own (then "" when there is no pace to tell, e.g. while it cannot send)."""
         if self.finished:
             return f"finished: {self.sent:,} sent, {self.failed:,} failed"
         if not self.remaining:
@@ -628,10 +633,12 @@ class Progress:
         n = len(self.accounts)
         pace = f"at {self.rate_per_day:,}/day across {n} account{'s' if n != 1 else ''}"
         if self.eta is None:
+            if not with_reason:
+                return ""
             return f"waiting: {self.waiting_reason or 'it cannot send now'}"
         start = self.at or timezone.now()
         text = f"about {duration((self.eta - start).total_seconds())} {pace}"
-        if self.waiting_reason:
+        if self.waiting_reason and with_reason:
             text += f" (waiting now: {self.waiting_reason})"
         return text
 
@@ -673,8 +680,10 @@ def progress(campaign: Campaign) -> Progress:
         bounced=counts.get(Recipient.BOUNCED, 0),
         finished=campaign.status == Campaign.Status.FINISHED,
     )
+    # A bounced recipient keeps the account that sent it: bounces count per account too.
+    by_status = {Recipient.SENT: "sent", Recipient.QUEUED: "queued", Recipient.BOUNCED: "bounced"}
     split = (
-        campaign.recipients.filter(status__in=[Recipient.SENT, Recipient.QUEUED])
+        campaign.recipients.filter(status__in=list(by_status))
         .values_list("account_email", "status")
         .annotate(n=Count("pk"))
         .order_by()
@@ -682,7 +691,7 @@ def progress(campaign: Campaign) -> Progress:
     per_account: dict[str, AccountProgress] = {}
     for email, status, n in split:
         item = per_account.setdefault(email, AccountProgress(email))
-        setattr(item, "sent" if status == Recipient.SENT else "queued", n)
+        setattr(item, by_status[status], n)
     _forecast(campaign, result, per_account)
     return result
 
@@ -724,9 +733,9 @@ def _forecast(
     if plan is None:
         return
     result.rate_per_day = int(plan.per_day)
-    result.waiting_reason = plan.waiting_reason
+    result.waiting_reason = "" if _on_pace(plan, now) else plan.waiting_reason
     if campaign.status == Campaign.Status.PAUSED:
-        result.waiting_reason = f"paused: {campaign.paused_reason or 'by hand'}"
+        result.waiting_reason = paused_text(campaign)
     elif campaign.status == Campaign.Status.CANCELLED:
         result.waiting_reason = "cancelled"
     if campaign.status in (Campaign.Status.PAUSED, Campaign.Status.CANCELLED):
@@ -742,6 +751,32 @@ def _forecast(
     result.eta = planner.advance(campaign, begin, result.remaining / plan.per_second)
 
 
+def _on_pace(plan: Any, now: datetime) -> bool:
+    """Whether accounts with no room now only keep the campaign on its pace: their window is
+    full (of its own mail, sent evenly) and frees a slot before the pace (or the planner's next
+    tick) asks for the next message, or their room is only taken by mail in the outbox. Then
+    nothing holds it back, and there is no waiting to tell of."""
+    if plan.left > 0 or not plan.in_window or plan.domain_left == 0 or plan.per_second <= 0:
+        return False
+    slots = [a.next_slot_at for a in plan.accounts if a.next_slot_at]
+    if not slots:
+        return True  # the ledger has room; mail in the outbox takes it until it is sent
+    interval = max(1.0 / plan.per_second, float(get_setting("NEWSLETTER_TICK")))
+    return min(slots) <= now + timedelta(seconds=interval)
+
+
+def paused_text(campaign: Campaign) -> str:
+    """A paused campaign's state, said once: its reason when that says it was paused ("Paused
+    by alice on 2026-01-31 14:02 UTC."), else "Paused: " and the reason (the circuit
+    breaker's, or the one given)."""
+    reason = (campaign.paused_reason or "").strip()
+    if not reason:
+        return "Paused."
+    if reason.lower().startswith("paused"):
+        return reason
+    return f"Paused: {reason}"
+
+
 __all__ = [
     "AccountProgress",
     "Progress",
@@ -752,6 +787,7 @@ __all__ = [
     "estimate",
     "finish_if_done",
     "pause",
+    "paused_text",
     "progress",
     "reconcile",
     "record_outbound",

@@ -152,6 +152,12 @@ def add_parser(sub: Any, **kw: Any) -> None:
         action="store_true",
         help="subscribe them at once (you hold their consent); without it they await confirmation",
     )
+    imp.add_argument(
+        "--send-confirmations",
+        action="store_true",
+        help="send the people added awaiting confirmation the confirmation mail (through the "
+        "site's email backend); not with --activate",
+    )
 
 
 def handle(command: BaseCommand, options: dict[str, Any]) -> None:
@@ -205,7 +211,7 @@ class Terminal:
             return
         rows = [("SLUG", "NAME", *(s.label.upper() for s in statuses))]
         for ml in lists:
-            rows.append((ml.slug, ml.name, *(str(getattr(ml, s.value)) for s in statuses)))
+            rows.append((ml.slug, ml.name, *(f"{getattr(ml, s.value):,}" for s in statuses)))
         self.table(rows)
 
     def do_campaigns(self, **options: Any) -> None:
@@ -223,7 +229,7 @@ class Terminal:
                 sent, ends = "-", "-"
             else:
                 p = c.progress()
-                sent = f"{p.sent}/{p.total}"
+                sent = f"{p.sent:,}/{p.total:,}"
                 ends = "finished" if p.finished else eta_text(p.eta)
             rows.append((str(c.pk), c.get_status_display(), c.name, audience, sent, ends))
         self.table(rows)
@@ -235,7 +241,7 @@ class Terminal:
         c = self.campaign(campaign)
         if c.status != Campaign.Status.DRAFT:
             self.out.write(f"{c.name} was started; its progress:")
-            self.show_progress(c.progress())
+            self.show_progress(c.progress(), c)
             return
         self.show_estimate(c)
 
@@ -247,11 +253,15 @@ class Terminal:
             estimate = campaigns.estimate(c)
         except USER_ERRORS as exc:
             raise CommandError(f"No estimate for {c.name}: {exc}") from None
-        self.out.write(f"{c.name}: {estimate.total} recipient(s), {estimate.describe()}.")
+        # The pace, then why it waits (if it does) on a line of its own: each said once.
+        pace = estimate.describe(with_reason=False)
+        self.out.write(
+            f"{c.name}: {estimate.total:,} recipient(s)" + (f", {pace}." if pace else ".")
+        )
         if estimate.eta:
             self.out.write(f"Expected to end around {eta_text(estimate.eta)}.")
         if estimate.waiting_reason:
-            self.out.write(f"Note: {estimate.waiting_reason}")
+            self.out.write(self.style.WARNING(f"Waiting now: {estimate.waiting_reason}"))
         self.show_domain(c, float(estimate.rate_per_day or 0))
         return float(estimate.rate_per_day or 0)
 
@@ -263,8 +273,8 @@ class Terminal:
         domain = planner.from_domain(c)
         count, warn_at, limit = planner.domain_usage(domain)
         text = (
-            f"{domain} has sent {count} bulk message(s) in the last 24 hours (warning at "
-            f"{warn_at}, limit {limit} a day)."
+            f"{domain} has sent {count:,} bulk message(s) in the last 24 hours (warning at "
+            f"{warn_at:,}, limit {limit:,} a day)."
         )
         guarded = planner.domain_guarded(c)
         would_cross = guarded and count + per_day > limit
@@ -272,7 +282,7 @@ class Terminal:
             text += " It is declared aligned (SPF, DKIM, DMARC): no limit applies."
         elif would_cross:
             text += (
-                f" At this pace the campaign would pass {limit} a day: sending stops there "
+                f" At this pace the campaign would pass {limit:,} a day: sending stops there "
                 "unless SPF, DKIM and DMARC are aligned (--domain-aligned confirms it)."
             )
         style = self.style.WARNING if count >= warn_at or would_cross else (lambda s: s)
@@ -307,7 +317,7 @@ class Terminal:
         except USER_ERRORS as exc:
             raise CommandError(f"Not started: {exc}") from None
         self.out.write(
-            self.style.SUCCESS(f"Started {c.name}: {count} recipient(s) enrolled.")
+            self.style.SUCCESS(f"Started {c.name}: {count:,} recipient(s) enrolled.")
             + f" `manage.py gmail_smtp newsletter progress {c.pk} --watch` follows it."
         )
 
@@ -320,7 +330,11 @@ class Terminal:
         self.out.write(self.style.SUCCESS(done.format(name=c.name, result=result)))
 
     def do_pause(self, campaign: int, reason: str = "", **options: Any) -> None:
-        why = reason or f"Paused by {_who()} with manage.py."
+        from django.utils import timezone
+
+        from ..conf import format_time
+
+        why = reason or f"Paused by {_who()} with manage.py on {format_time(timezone.now())}."
         self._lifecycle(
             campaign,
             "paused",
@@ -340,11 +354,16 @@ class Terminal:
         )
 
     def do_retry_failed(self, campaign: int, **options: Any) -> None:
-        self._lifecycle(
-            campaign,
-            "retried",
-            lambda c: c.retry_failed(),
-            "{result} failed recipient(s) of {name} will be sent again.",
+        c = self.campaign(campaign)
+        try:
+            count = c.retry_failed()
+        except USER_ERRORS as exc:
+            raise CommandError(f"Not retried: {exc}") from None
+        if not count:
+            self.out.write(f"Nothing to retry: no recipient of {c.name} failed.")
+            return
+        self.out.write(
+            self.style.SUCCESS(f"{count:,} failed recipient(s) of {c.name} will be sent again.")
         )
 
     # --- progress ------------------------------------------------------------------------------
@@ -354,19 +373,43 @@ class Terminal:
         c = self.campaign(campaign)
         if not watch:
             self.out.write(f"{c.name} ({c.get_status_display()})")
-            self.show_progress(c.progress())
+            self.show_progress(c.progress(), c)
             return
         self.watch(c, max(0.0, interval))
 
-    def show_progress(self, p: Progress) -> None:
-        self.out.write(bar_line(p))
-        self.out.write(f"Pace: {p.describe()}")
-        if p.waiting_reason and not p.finished:
+    def show_progress(self, p: Progress, c: Campaign) -> None:
+        """The bar, the pace, why it waits, a hint to retry failed mail, the accounts' split;
+        each said once (a finished campaign has no pace; the bar's line leaves the waiting
+        reason to its own line)."""
+        from .models import Campaign
+
+        self.out.write(bar_line(p, waiting=False))
+        pace = "" if p.finished else p.describe(with_reason=False)
+        if pace:
+            self.out.write(f"Pace: {pace}")
+        if c.status == Campaign.Status.PAUSED:
+            from .campaigns import paused_text
+
+            self.out.write(self.style.WARNING(paused_text(c)))
+        elif p.waiting_reason and not p.finished:
             self.out.write(self.style.WARNING(f"Waiting: {p.waiting_reason}"))
+        if p.failed and c.status != Campaign.Status.CANCELLED:
+            self.out.write(
+                f"{p.failed:,} failed: `manage.py gmail_smtp newsletter retry-failed {c.pk}` "
+                "sends them again."
+            )
         if p.accounts:
-            rows = [("ACCOUNT", "SENT", "IN OUTBOX", "PER DAY")]
+            rows = [("ACCOUNT", "SENT", "IN OUTBOX", "BOUNCED", "PER DAY")]
             for a in p.accounts:
-                rows.append((a.email, str(a.sent), str(a.queued), str(a.capacity_per_day)))
+                rows.append(
+                    (
+                        a.email,
+                        f"{a.sent:,}",
+                        f"{a.queued:,}",
+                        f"{a.bounced:,}",
+                        f"{a.capacity_per_day:,}",
+                    )
+                )
             self.table(rows)
 
     def watch(self, c: Campaign, interval: float) -> None:
@@ -396,7 +439,14 @@ class Terminal:
         self.out.write(self.style.SUCCESS(f"{c.name}: {c.get_status_display()}."))
 
     # --- import --------------------------------------------------------------------------------
-    def do_import(self, list: str, file: str, activate: bool = False, **options: Any) -> None:
+    def do_import(
+        self,
+        list: str,
+        file: str,
+        activate: bool = False,
+        send_confirmations: bool = False,
+        **options: Any,
+    ) -> None:
         from django.utils import timezone
 
         from ..conf import format_time
@@ -411,6 +461,11 @@ class Terminal:
             )
         if not os.path.isfile(file):
             raise CommandError(f"No file {file}: give the path of a CSV file.")
+        if activate and send_confirmations:
+            raise CommandError(
+                "Choose one: --activate subscribes them at once, --send-confirmations mails "
+                "them the confirmation link; not both."
+            )
         source = (
             f"{os.path.basename(file)}, imported by {_who()} with manage.py on "
             f"{format_time(timezone.now())}"
@@ -427,7 +482,12 @@ class Terminal:
         try:
             with open(file, "rb") as handle:
                 report = import_csv(
-                    mailing_list, handle, activate=activate, source=source, progress=progress
+                    mailing_list,
+                    handle,
+                    activate=activate,
+                    source=source,
+                    progress=progress,
+                    send_confirmations=send_confirmations,
                 )
         except ImportProblem as problem:
             raise CommandError(str(problem)) from None
@@ -443,23 +503,28 @@ class Terminal:
         if report.skipped_total > min(20, len(report.lines)):
             shown = min(20, len(report.lines))
             self.out.write(f"  ... and {report.skipped_total - shown} more skipped line(s).")
+        for text in report.confirmation_errors[:20]:
+            self.out.write(self.style.WARNING(f"  confirmation mail not sent: {text}"))
 
 
-def bar_line(p: Progress) -> str:
-    """``[#########.....................]  30%  300/1000 sent, 2 failed | ends ... | waiting``"""
+def bar_line(p: Progress, *, waiting: bool = True) -> str:
+    """``[#########.....................]  30%  300/1,000 sent, 2 failed | ends ... | waiting``
+    (``waiting=False``: without why it waits, for output that says it on a line of its own)."""
     total = max(1, p.total)
     done = p.sent + p.failed + p.suppressed + p.cancelled + getattr(p, "bounced", 0)
     filled = min(BAR_WIDTH, round(BAR_WIDTH * done / total))
     parts = [f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {p.percent:3.0f}%"]
-    counts = f"{p.sent}/{p.total} sent"
+    counts = f"{p.sent:,}/{p.total:,} sent"
     for name in ("queued", "failed", "bounced", "suppressed", "cancelled"):
         value = getattr(p, name, 0)
         if value:
-            counts += f", {value} {'in outbox' if name == 'queued' else name}"
+            counts += f", {value:,} {'in outbox' if name == 'queued' else name}"
     parts.append(counts)
     parts.append("finished" if p.finished else f"ends {eta_text(p.eta)}")
-    if p.waiting_reason and not p.finished:
-        parts.append(f"waiting: {p.waiting_reason}")
+    if waiting and p.waiting_reason and not p.finished:
+        reason = p.waiting_reason
+        # A paused campaign's reason says so itself ("Paused by alice on ...").
+        parts.append(reason if reason.startswith("Paused") else f"waiting: {reason}")
     return " | ".join(parts)
 
 

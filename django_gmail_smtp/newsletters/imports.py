@@ -8,6 +8,10 @@ It is read line by line, so a file of 100,000 rows needs no more memory than one
 Addresses are deduplicated within the file and against the list; suppressed, invalid,
 unsubscribed and bounced addresses are skipped, each with its reason in the report. The admin
 and the ``gmail_smtp newsletter import`` command only parse their input and show the report.
+
+People added awaiting confirmation can be sent the confirmation mail at once
+(``send_confirmations``), once the import is saved; the report counts what was sent and what
+could not be.
 """
 
 from __future__ import annotations
@@ -97,6 +101,14 @@ class ImportReport:
     skipped: Counter = field(default_factory=Counter)  # SkipReason -> count
     lines: list[ImportLine] = field(default_factory=list)
     merge_fields: list[str] = field(default_factory=list)
+    #: whether the people added awaiting confirmation were sent the confirmation mail
+    send_confirmations: bool = False
+    confirmations_sent: int = 0
+    confirmations_failed: int = 0
+    #: the first :data:`MAX_LINES` confirmation mails not sent: "address: the error"
+    confirmation_errors: list[str] = field(default_factory=list)
+    #: the addresses added awaiting confirmation (to be sent the mail)
+    _awaiting: list[str] = field(default_factory=list, repr=False)
 
     @property
     def skipped_total(self) -> int:
@@ -114,10 +126,17 @@ class ImportReport:
     def summary(self) -> str:
         """One sentence: the counts."""
         status = "active" if self.activate else "awaiting confirmation"
-        return (
-            f"{self.rows} row(s) read: {self.added} added ({status}), {self.updated} updated, "
-            f"{self.unchanged} already on the list unchanged, {self.skipped_total} skipped."
+        text = (
+            f"{self.rows:,} row(s) read: {self.added:,} added ({status}), {self.updated:,} "
+            f"updated, {self.unchanged:,} already on the list unchanged, "
+            f"{self.skipped_total:,} skipped."
         )
+        if self.send_confirmations:
+            text += f" Confirmation mail sent to {self.confirmations_sent:,}"
+            if self.confirmations_failed:
+                text += f", not sent to {self.confirmations_failed:,} (see below)"
+            text += "."
+        return text
 
     def _skip(self, line: int, email: str, reason: SkipReason, detail: str = "") -> None:
         self.skipped[reason.value] += 1
@@ -140,18 +159,29 @@ def import_csv(
     activate: bool,
     source: str,
     progress: Callable[[int], None] | None = None,
+    send_confirmations: bool = False,
 ) -> ImportReport:
     """Add the file's people to ``mailing_list`` and update the ones already on it.
 
     ``activate``: new subscribers are active at once (the site holds their consent) instead
     of awaiting confirmation. ``source``: the consent record's source, such as "people.csv,
     imported by alice on 2026-01-31 10:00 UTC". ``progress`` is called with the number of rows
-    read so far, every :data:`PROGRESS_EVERY` rows and at the end.
+    read so far, every :data:`PROGRESS_EVERY` rows and at the end. ``send_confirmations``
+    (without ``activate``): once the import is saved, each person it added awaiting
+    confirmation is sent the confirmation mail (:func:`.subscribers.send_confirmation_mail`,
+    through the site's email backend); a mail that cannot be sent is counted in the report
+    with its error, and the others still go.
 
     Raises :class:`ImportProblem` (nothing changed) when the file cannot be read as CSV with a
-    header row and an email column.
+    header row and an email column, and ValueError for ``activate`` with
+    ``send_confirmations``.
     """
-    report = ImportReport(source=source, activate=activate)
+    if activate and send_confirmations:
+        raise ValueError(
+            "Choose one: subscribe the people at once (activate), or send them the "
+            "confirmation mail; not both."
+        )
+    report = ImportReport(source=source, activate=activate, send_confirmations=send_confirmations)
     lines = _text_lines(file)
     header_line = next(lines, None)
     if header_line is None or not header_line.strip():
@@ -203,7 +233,32 @@ def import_csv(
             _write(mailing_list, batch, report)
     if progress:
         progress(report.rows)
+    if send_confirmations:
+        _send_confirmations(mailing_list, report)
     return report
+
+
+def _send_confirmations(mailing_list: MailingList, report: ImportReport) -> None:
+    """Mail each subscriber the import added awaiting confirmation its confirmation link."""
+    from .subscribers import send_confirmation_mail
+
+    awaiting, report._awaiting = report._awaiting, []
+    for start in range(0, len(awaiting), BATCH):
+        chunk = awaiting[start : start + BATCH]
+        people = mailing_list.subscribers.filter(
+            email__in=chunk, status=Subscriber.Status.PENDING
+        ).order_by("email")
+        for subscriber in people:
+            subscriber.mailing_list = mailing_list
+            try:
+                send_confirmation_mail(subscriber)
+            except Exception as exc:  # the backend's error, in its words, per address
+                report.confirmations_failed += 1
+                if len(report.confirmation_errors) < MAX_LINES:
+                    text = " ".join(str(exc).split()) or type(exc).__name__
+                    report.confirmation_errors.append(f"{subscriber.email}: {text}")
+            else:
+                report.confirmations_sent += 1
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -310,6 +365,8 @@ def _write(mailing_list: MailingList, batch: list[_Row], report: ImportReport) -
             report.unchanged += 1
     Subscriber.objects.bulk_create(new)
     report.added += len(new)
+    if report.send_confirmations:
+        report._awaiting.extend(s.email for s in new if s.status == Subscriber.Status.PENDING)
     if changed:
         # bulk_update skips auto_now: _update() set updated_at.
         Subscriber.objects.bulk_update(changed, UPDATED_FIELDS)

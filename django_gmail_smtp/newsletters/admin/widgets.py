@@ -44,7 +44,7 @@ def _bar(progress: Any) -> SafeString:
     for name, css, label in SEGMENTS:
         count = _count(progress, name)
         if count:
-            parts.append((css, f"{100.0 * count / total:.2f}", f"{count} {label}"))
+            parts.append((css, f"{100.0 * count / total:.2f}", f"{count:,} {label}"))
     return format_html(
         '<div class="gms-nl-bar" role="img" aria-label="{}">{}</div>',
         summary(progress),
@@ -53,13 +53,13 @@ def _bar(progress: Any) -> SafeString:
 
 
 def summary(progress: Any) -> str:
-    """ "450 of 1000 sent (45%), 3 failed, 2 suppressed, 545 waiting"."""
+    """ "450 of 1,000 sent (45%), 3 failed, 2 suppressed, 545 waiting"."""
     text = (
-        f"{_count(progress, 'sent')} of {_count(progress, 'total')} sent "
+        f"{_count(progress, 'sent'):,} of {_count(progress, 'total'):,} sent "
         f"({float(getattr(progress, 'percent', 0) or 0):.0f}%)"
     )
     others = [
-        f"{_count(progress, name)} {label}"
+        f"{_count(progress, name):,} {label}"
         for name, label in (
             ("queued", "in the outbox"),
             ("failed", "failed"),
@@ -73,41 +73,51 @@ def summary(progress: Any) -> str:
     return ", ".join([text, *others])
 
 
-def render_progress(progress: Any, *, compact: bool = False) -> SafeString:
-    """A campaign's progress: the bar, its counts, the ETA, why it waits, and (not compact)
-    the per-account split."""
+def render_progress(
+    progress: Any, *, compact: bool = False, show_waiting: bool = True
+) -> SafeString:
+    """A campaign's progress: the bar, its counts, the ETA, the pace, why it waits, and (not
+    compact) the per-account split. Each thing is said once: a finished campaign has no pace,
+    and ``show_waiting=False`` leaves the reason out where the page says it already (a paused
+    campaign's status)."""
     if compact:
         return format_html(
             '<div class="gms-nl-progress gms-nl-compact" title="{}">{}'
             '<span class="gms-nl-figure">{} / {}</span></div>',
             summary(progress),
             _bar(progress),
-            _count(progress, "sent"),
-            _count(progress, "total"),
+            f"{_count(progress, 'sent'):,}",
+            f"{_count(progress, 'total'):,}",
         )
     finished = bool(getattr(progress, "finished", False))
     rows = [
         ("Progress", summary(progress)),
         ("Estimated end", eta_text(progress.eta, finished)),
     ]
-    pace = describe(progress)
-    waiting = getattr(progress, "waiting_reason", "") or ""
-    if not (waiting and pace.startswith("waiting")):  # else it only repeats the reason
+    pace = "" if finished else describe(progress)
+    if pace:
         rows.append(("Pace", pace))
-    if waiting and not finished:
+    waiting = getattr(progress, "waiting_reason", "") or ""
+    if waiting and show_waiting and not finished:
         rows.append(("Waiting", waiting))
     facts = format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows)
     accounts = list(getattr(progress, "accounts", None) or ())
     split = (
         format_html(
             '<table class="gms-nl-accounts"><thead><tr><th>Account</th><th>Sent</th>'
-            "<th>In the outbox</th><th>Can send per day</th></tr></thead><tbody>{}</tbody>"
-            "</table>",
+            "<th>In the outbox</th><th>Bounced</th><th>Can send per day</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
             format_html_join(
                 "",
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 (
-                    (a.email, a.sent, a.queued, getattr(a, "capacity_per_day", "-"))
+                    (
+                        a.email,
+                        f"{a.sent:,}",
+                        f"{a.queued:,}",
+                        f"{getattr(a, 'bounced', 0):,}",
+                        f"{getattr(a, 'capacity_per_day', 0):,}",
+                    )
                     for a in accounts
                 ),
             ),
@@ -125,6 +135,6 @@ def render_progress(progress: Any, *, compact: bool = False) -> SafeString:
 
 def describe(progress: Any) -> str:
     """The engine's own sentence about the pace ("about 3 days 4 hours at 450/day across 1
-    account")."""
-    text = progress.describe() if hasattr(progress, "describe") else ""
-    return str(text or "-")
+    account"), without why it waits (a row of its own); "" when there is no pace to tell."""
+    text = progress.describe(with_reason=False) if hasattr(progress, "describe") else ""
+    return str(text or "")
