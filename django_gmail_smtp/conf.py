@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "NEWSLETTER_ALIGNED_DOMAINS": [],  # From domains with SPF, DKIM and DMARC aligned
     "NEWSLETTER_BREAKER_RATE": 0.05,  # share of permanent refusals that pauses a campaign
     "NEWSLETTER_BREAKER_MINIMUM": 50,  # messages sent before that share is judged
+    "NEWSLETTER_CONFIRMATIONS_PER_HOUR": 30,  # subscribe-form confirmation mails; None: no cap
     # Bounces read back from each account's inbox over IMAP
     "IMAP_HOST": "imap.gmail.com",
     "IMAP_PORT": 993,  # implicit TLS
@@ -478,6 +479,14 @@ SETTINGS: dict[str, Setting] = {
             "a fraction from 0 up to 1 such as 0.05",
             _share,
             "A campaign pauses itself once this share of its messages is refused permanently.",
+        ),
+        Setting(
+            "NEWSLETTER_CONFIRMATIONS_PER_HOUR",
+            "a whole number of at least 1 such as 30, or None for no cap",
+            _number(integer=True, minimum=1),
+            "Confirmation mails the subscribe forms may send in an hour, all lists together; "
+            "past it a sign-up is asked to come back later (nothing is lost), so a script "
+            "cannot use up the quota that password resets need.",
         ),
         Setting(
             "NEWSLETTER_BREAKER_MINIMUM",

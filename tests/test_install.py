@@ -188,3 +188,133 @@ def test_sdist_runs_its_own_tests(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def readme_lines(first_line: str) -> list[str]:
+    """The lines of README.md's ```python block whose first line is ``first_line``."""
+    return readme_block(first_line).splitlines()
+
+
+def test_readme_newsletters_install(wheel, tmp_path):
+    """README's "Newsletters" four lines (and docs/newsletters.md's install steps) on a new
+    Django 6.1 site set up as README says (settings block, Celery app): migrate, check, then a
+    list, a subscriber from a CSV import, a campaign started and one planner tick, all through
+    ``manage.py`` in the clean virtualenv."""
+    python = find_python((13, 12))
+    if python is None:
+        pytest.skip("no Python 3.13 or 3.12 here for Django 6.1")
+    venv = tmp_path / "venv"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    bin_dir = venv / "bin"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PYTHON"))}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    run(
+        [str(bin_dir / "python"), "-m", "pip", "install", "-q", str(wheel), "Django>=6.1,<6.2"],
+        tmp_path,
+        env,
+    )
+    run([str(bin_dir / "django-admin"), "startproject", "mysite", str(tmp_path)], tmp_path, env)
+    site = tmp_path / "mysite"
+    settings_py, urls_py = site / "settings.py", site / "urls.py"
+    # README's "Newsletters" block: a few lines for settings.py, urls.py and proj/celery.py.
+    sections: dict[str, list[str]] = {}
+    for line in readme_lines("# settings.py (newsletters)"):
+        if line.startswith("# "):
+            current = sections.setdefault(line.split()[1], [])
+        else:
+            current.append(line)
+    assert set(sections) == {"settings.py", "urls.py", "proj/celery.py,"}, sections
+    # README's "Sending from Celery": the Celery app and proj/__init__.py, word for word.
+    celery_block = readme_block(
+        "# proj/celery.py: the usual Django Celery app, plus the sweeper's beat entry"
+    )
+    init_block = readme_block(
+        "# proj/__init__.py: load the app when Django starts "
+        "(without it, queued mail is never sent)"
+    )
+    (site / "celery.py").write_text(
+        "import os\n\nfrom celery import Celery\n\n"
+        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n\n'
+        + celery_block.rstrip("\n")
+        + "\n"
+        + "\n".join(sections["proj/celery.py,"])
+        + "\n"
+    )
+    (site / "__init__.py").write_text(init_block)
+    with GmailSandbox() as sandbox:
+        sandbox.add_user(USER, app_password=APP_PASSWORD)
+        sandbox_settings = {k: v for k, v in sandbox.settings().items() if k != "TOKEN_URI"}
+        settings_py.write_text(
+            settings_py.read_text()
+            + "\n"
+            + readme_block("# settings.py (Django 6.1)")
+            + f"\n# The test's stand-in for smtp.gmail.com\nGMAIL_SMTP = {sandbox_settings!r}\n"
+            + "\n".join(sections["settings.py"])
+            + "\n"
+        )
+        urls_py.write_text(
+            urls_py.read_text().replace(
+                "from django.urls import path", "from django.urls import include, path"
+            )
+            + "\n"
+            + "\n".join(sections["urls.py"])
+            + "\n"
+        )
+        env.update(GMAIL_USER=USER, GMAIL_APP_PASSWORD=APP_PASSWORD)
+        manage = [str(bin_dir / "python"), *WARNINGS_AS_ERRORS, "manage.py"]
+        run([*manage, "migrate", "-v", "0"], tmp_path, env)
+        run([*manage, "check", "--fail-level", "ERROR"], tmp_path, env)
+        # The beat entry README's line adds is in the Celery app's schedule.
+        schedule = run(
+            [
+                str(bin_dir / "python"),
+                *WARNINGS_AS_ERRORS,
+                "-c",
+                "import django; django.setup()\n"
+                "from mysite.celery import app\n"
+                "app.loader.import_default_modules(); app.finalize()\n"
+                "print(sorted(app.conf.beat_schedule))\n",
+            ],
+            tmp_path,
+            {**env, "DJANGO_SETTINGS_MODULE": "mysite.settings"},
+        )
+        assert "django-gmail-smtp-plan-campaigns" in schedule
+        (tmp_path / "readers.csv").write_text("email,name,city\nada@example.net,Ada,London\n")
+        run(
+            [
+                *manage,
+                "shell",
+                "-c",
+                "from django_gmail_smtp.newsletters.models import MailingList, Campaign\n"
+                "weekly = MailingList.objects.create(name='Weekly', slug='weekly')\n"
+                "Campaign.objects.create(name='Issue 1', mailing_list=weekly,\n"
+                "    subject='Hello {{ subscriber.name }}',\n"
+                "    text_template='News from {{ city }}')\n",
+            ],
+            tmp_path,
+            env,
+        )
+        out = run(
+            [*manage, "gmail_smtp", "newsletter", "import", "weekly", "readers.csv", "--activate"],
+            tmp_path,
+            env,
+        )
+        assert "1" in out, out
+        run([*manage, "gmail_smtp", "newsletter", "start", "1", "--yes"], tmp_path, env)
+        out = run(
+            [
+                *manage,
+                "shell",
+                "-c",
+                "from django_gmail_smtp.newsletters.tasks import plan_campaigns\n"
+                "from django_gmail_smtp.models import OutboundEmail\n"
+                "print('tick', plan_campaigns())\n"
+                "row = OutboundEmail.objects.get()\n"
+                "print('outbox', row.recipients, row.subject)\n",
+            ],
+            tmp_path,
+            env,
+        )
+        assert "outbox" in out and "ada@example.net" in out and "Hello Ada" in out, out
+        progress = run([*manage, "gmail_smtp", "newsletter", "progress", "1"], tmp_path, env)
+        assert "1" in progress, progress

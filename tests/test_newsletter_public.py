@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import re
+from datetime import timedelta
 from email import policy
 from urllib.parse import unquote, urlsplit
 
@@ -614,3 +615,29 @@ def test_archive_is_404_for_drafts_and_unarchived_campaigns(weekly, fields):
     campaign = make_campaign(weekly, **fields)
     response = Client().get(reverse("gmail_smtp_newsletters:archive", args=[campaign.pk]))
     assert response.status_code == 404
+
+
+def test_the_subscribe_forms_send_at_most_the_hourly_cap_of_confirmations(
+    weekly, locmem, settings, caplog
+):
+    """A script filling in the form with many addresses cannot use up the quota that password
+    resets need: past NEWSLETTER_CONFIRMATIONS_PER_HOUR the form asks to come back later."""
+    settings.GMAIL_SMTP = {**settings.GMAIL_SMTP, "NEWSLETTER_CONFIRMATIONS_PER_HOUR": 3}
+    path = reverse("gmail_smtp_newsletters:subscribe", args=["weekly"])
+    answers = [
+        post_form(Client(enforce_csrf_checks=True), path, email=f"victim{i}@example.net")
+        for i in range(5)
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200, 503, 503]
+    assert b"try again in an hour" in answers[3].content
+    assert len(locmem) == 3
+    assert "NEWSLETTER_CONFIRMATIONS_PER_HOUR" in caplog.text
+    # Nothing is lost: the sign-up waits, and is mailed once the hour has room again.
+    late = Subscriber.objects.get(email="victim3@example.net")
+    assert late.status == Subscriber.Status.PENDING
+    Subscriber.objects.filter(email__in=["victim0@example.net", "victim1@example.net"]).update(
+        consent_at=timezone.now() - timedelta(hours=2)
+    )
+    again = post_form(Client(enforce_csrf_checks=True), path, email="victim3@example.net")
+    assert again.status_code == 200
+    assert locmem[-1].to == ["victim3@example.net"]

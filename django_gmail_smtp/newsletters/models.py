@@ -330,6 +330,10 @@ class Campaign(models.Model):
 
         return campaigns.retry_failed(self)
 
+    # Templates call methods without arguments; these must never run from one.
+    start.alters_data = pause.alters_data = resume.alters_data = True  # type: ignore[attr-defined]
+    cancel.alters_data = retry_failed.alters_data = True  # type: ignore[attr-defined]
+
     def progress(self) -> Progress:
         from . import campaigns
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from email.utils import parseaddr
@@ -39,7 +40,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from .. import outbox, quota
-from ..conf import MailerSettings, for_mailer, get_setting
+from ..conf import MailerSettings, for_mailer, get_setting, is_our_backend
 from ..enums import Priority, Status
 from ..exceptions import GmailSMTPError, NoSenderAccount
 from ..models import GmailAccount, OutboundEmail, normalize_address
@@ -86,9 +87,23 @@ def from_domain(campaign: Campaign) -> str:
     return from_address(campaign).rpartition("@")[2]
 
 
+def campaign_mailer(campaign: Campaign) -> str | None:
+    """The ``MAILERS`` alias the campaign queues through: its own, else ``"default"`` when
+    that entry is one of our backends (Django 6.1: its ``OPTIONS``, such as ``username`` /
+    ``password``, are how ``send_mail`` logs in, so campaign mail must use them too), else
+    None (``EMAIL_BACKEND`` and ``GMAIL_SMTP`` alone)."""
+    if campaign.mailer:
+        return campaign.mailer
+    mailers = getattr(django_settings, "MAILERS", None)
+    default = mailers.get("default") if isinstance(mailers, Mapping) else None
+    if isinstance(default, Mapping) and is_our_backend(default.get("BACKEND")):
+        return "default"
+    return None
+
+
 def mailer_settings(campaign: Campaign) -> MailerSettings:
     """The settings of the mailer the campaign queues through."""
-    return for_mailer(campaign.mailer or None)
+    return for_mailer(campaign_mailer(campaign))
 
 
 def sender_accounts(
@@ -448,7 +463,10 @@ def plan(campaign_id: int, now: datetime, *, shares: Counter | None = None) -> d
             room = min(room, plan_budget.domain_left)
         if room > 0:
             try:
-                counts = queue_slice(campaign, plan_budget, room, now, settings)
+                # A savepoint: a slice that breaks half-way leaves no recipient claimed
+                # ("queued") without its outbox row.
+                with transaction.atomic():
+                    counts = queue_slice(campaign, plan_budget, room, now, settings)
             except (TemplateProblem, ImproperlyConfigured) as exc:
                 # Edited into a broken template, or SITE_URL gone: nothing can be built.
                 campaigns.pause(campaign, str(exc), automatic=True)
@@ -495,7 +513,7 @@ def queue_slice(
         return counts
     renderer = Renderer(campaign)
     routers: dict[str, Router] = {}
-    mailer = campaign.mailer or None
+    mailer = campaign_mailer(campaign)
     # A few rounds: recipients found suppressed (or failing) leave room for the next ones.
     for _round in range(5):
         missing = len(senders) - counts["queued"]

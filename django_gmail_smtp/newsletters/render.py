@@ -141,6 +141,69 @@ class SubscriberData:
         return self.name or self.email
 
 
+@dataclass(frozen=True)
+class ListData:
+    """What the templates see as ``campaign.mailing_list``: plain values, no relations."""
+
+    pk: int | None
+    name: str
+    slug: str
+    from_email: str = ""
+
+    @property
+    def id(self) -> int | None:
+        return self.pk
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class CampaignData:
+    """What the templates see as ``campaign``: its plain values, never the model.
+
+    Templates are written by whoever may edit a campaign and their output is mailed to every
+    subscriber and published in the archive. Django templates follow relations and call
+    methods without arguments, so the model would let ``{{ campaign.cancel }}`` cancel it and
+    ``campaign.recipients...outbound.account`` read the sending account's App Password and its
+    other mail (password-reset links)."""
+
+    pk: int | None
+    name: str
+    from_email: str
+    reply_to: str
+    audience: str
+    mailing_list: ListData | None
+    started_at: Any = None
+    created_at: Any = None
+
+    @property
+    def id(self) -> int | None:
+        return self.pk
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def campaign_data(campaign: Campaign) -> CampaignData:
+    """The template-safe snapshot of ``campaign``."""
+    mailing_list = campaign.mailing_list
+    return CampaignData(
+        pk=campaign.pk,
+        name=campaign.name,
+        from_email=campaign.from_email,
+        reply_to=campaign.reply_to,
+        audience=campaign.audience,
+        mailing_list=(
+            ListData(mailing_list.pk, mailing_list.name, mailing_list.slug, mailing_list.from_email)
+            if mailing_list is not None
+            else None
+        ),
+        started_at=campaign.started_at,
+        created_at=campaign.created_at,
+    )
+
+
 def _snapshot(person: Subscriber | CampaignRecipient) -> SubscriberData:
     fields = person.fields if isinstance(person.fields, dict) else {}
     return SubscriberData(person.email, person.name or "", dict(fields))
@@ -189,6 +252,7 @@ class Renderer:
         )
         self._domain: str | None = None
         self._archive_url: str | None = None
+        self.campaign_data = campaign_data(campaign)
 
     def __repr__(self) -> str:
         return f"<Renderer campaign={self.campaign.pk}>"
@@ -234,7 +298,7 @@ class Renderer:
         }
         values.update(
             subscriber=subscriber,
-            campaign=self.campaign,
+            campaign=self.campaign_data,
             unsubscribe_url=unsubscribe,
             archive_url=archive,
         )

@@ -17,12 +17,13 @@ from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.core.validators import validate_email
 from django.db import IntegrityError, models, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .. import outbox
+from ..conf import get_setting
 from ..enums import Status as OutboxStatus
 from ..models import OutboundEmail, normalize_address
 from . import render, signals, tokens
@@ -34,6 +35,12 @@ logger = logging.getLogger(__name__)
 #: is sent (nobody can flood a mailbox through it)
 CONFIRM_RESEND_AFTER = timedelta(minutes=15)
 TEMPLATES = "django_gmail_smtp/newsletters/"
+
+
+class TooManyConfirmations(Exception):
+    """The site sent ``NEWSLETTER_CONFIRMATIONS_PER_HOUR`` confirmation mails in the last hour:
+    a script filling in the subscribe form would otherwise use up the account's daily quota
+    (confirmations are transactional mail, like password resets)."""
 
 
 class UnsubscribeMethod(models.TextChoices):
@@ -115,6 +122,32 @@ def subscribe(
         subscriber.unsubscribed_at = None
         subscriber.save()
     if send_confirmation:
+        limit = get_setting("NEWSLETTER_CONFIRMATIONS_PER_HOUR")
+        # Form sign-ups of the last hour that were mailed (still waiting, or confirmed since).
+        mailed = Q(status=Subscriber.Status.PENDING) | Q(
+            status=Subscriber.Status.ACTIVE, confirmed_at__gt=F("consent_at")
+        )
+        sent = (
+            Subscriber.objects.filter(mailed)
+            .filter(consent_method=Subscriber.Consent.FORM, consent_at__gt=now - timedelta(hours=1))
+            .count()
+        )  # this one included
+        if limit is not None and sent > limit:
+            # Kept waiting without mail; the form sent again later mails it at once.
+            Subscriber.objects.filter(pk=subscriber.pk).update(
+                updated_at=now - CONFIRM_RESEND_AFTER
+            )
+            logger.warning(
+                "Subscribe form: %d confirmation mails in the last hour, more than "
+                'GMAIL_SMTP["NEWSLETTER_CONFIRMATIONS_PER_HOUR"] = %d; no mail sent to this '
+                "sign-up for list %s (raise the setting if these sign-ups are real)",
+                sent - 1,
+                limit,
+                mailing_list.slug,
+            )
+            raise TooManyConfirmations(
+                "The subscribe form sent its hourly number of confirmation mails."
+            )
         try:
             send_confirmation_mail(subscriber)
         except Exception:

@@ -57,6 +57,16 @@ def subscribe(request: HttpRequest, slug: str) -> HttpResponse:
             except ValueError as exc:  # an address the form let through but the list refuses
                 form.add_error("email", str(exc))
                 status = 400
+            except subscribers.TooManyConfirmations:
+                # Logged by subscribe(); the visitor is asked to come back later.
+                form.add_error(
+                    None,
+                    _(
+                        "Many people are signing up right now. Please try again in an hour; "
+                        "nothing was sent to your address."
+                    ),
+                )
+                status = 503
             except Exception:
                 # The confirmation mail could not be sent (the site's mail is down or
                 # misconfigured): say so; the subscription waits and the form can be re-sent.

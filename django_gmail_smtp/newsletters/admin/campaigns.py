@@ -46,6 +46,22 @@ def audience_names() -> list[str]:
     return sorted(get_setting("NEWSLETTER_AUDIENCES") or {})
 
 
+def clean_address(value: str) -> str:
+    """A From or Reply-To as typed (``News <news@example.com>``), or a ValidationError. A line
+    break is refused too: it would pass ``parseaddr`` and fail every message of the campaign."""
+    value = value.strip()
+    if value:
+        try:
+            if "\r" in value or "\n" in value:
+                raise ValidationError("line break")
+            validate_email(parseaddr(value)[1])
+        except ValidationError:
+            raise ValidationError(
+                f"{value!r} is not an address such as 'News <news@example.com>'."
+            ) from None
+    return value
+
+
 class CampaignForm(forms.ModelForm):
     """A campaign goes to exactly one audience: a list, or a registered audience's queryset."""
 
@@ -103,15 +119,7 @@ class CampaignForm(forms.ModelForm):
         return self._address("reply_to")
 
     def _address(self, name: str) -> str:
-        value = self.cleaned_data[name].strip()
-        if value:
-            try:
-                validate_email(parseaddr(value)[1])
-            except ValidationError:
-                raise ValidationError(
-                    f"{value!r} is not an address such as 'News <news@example.com>'."
-                ) from None
-        return value
+        return clean_address(self.cleaned_data[name])
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or self.cleaned_data

@@ -33,8 +33,23 @@ def who_and_when(request: HttpRequest) -> str:
     return f"by {name} on {format_time(timezone.now())}"
 
 
+class MailingListForm(forms.ModelForm):
+    """A list's form: its From must be an address (its confirmation mail is sent from it)."""
+
+    class Meta:
+        model = MailingList
+        fields = ("name", "slug", "description", "from_email", "double_opt_in")
+
+    def clean_from_email(self) -> str:
+        from .campaigns import clean_address
+
+        return clean_address(self.cleaned_data["from_email"])
+
+
 class MailingListAdmin(NewsletterModelAdmin):
     """Lists, with how many subscribers each has in each status and an Import CSV page."""
+
+    form = MailingListForm
 
     list_display = (
         "name",
