@@ -1,3 +1,2 @@
-
 app_name = "gmail_smtp_newsletters"
 urlpatterns: list = []
