@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import django
@@ -25,6 +25,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from .conf import MAILER_OPTIONS, MailerSettings, for_mailer, resolve
 from .exceptions import GmailConfigurationError, GmailSMTPError, InvalidMessage
+from .outbox import OutboxWriter
 from .pipeline import Pipeline
 from .routing import Router
 from .transport import make_transport
@@ -166,6 +167,22 @@ class GmailSMTPBackend(GmailBackendBase):
     250 text), ``message_id`` and ``refused`` (recipients Gmail refused while accepting others).
     """
 
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        """Send the messages now; those of one account are streamed over one connection
+        (RFC 2920 pipelining: each body goes out with the next message's envelope). Return
+        how many were sent; bad input raises, other errors too unless ``fail_silently``."""
+        if not email_messages:
+            return 0
+        with self._lock:
+            started = self.open()
+            try:
+                return self.pipeline.send_many(
+                    self.router(), email_messages, self.priority, fail_silently=self.fail_silently
+                )
+            finally:
+                if started:
+                    self.close()
+
     def handle(self, router: Router, message: EmailMessage) -> None:
         self.pipeline.send_now(router, message, self.priority)
 
@@ -216,7 +233,46 @@ class CeleryGmailBackend(GmailBackendBase):
     def close(self) -> None:
         return None
 
+    def router(self) -> Router:
+        """A router on the process's account list (cached for ``routing.ACCOUNTS_TTL``
+        seconds): queueing only routes, it never logs in with the accounts."""
+        return Router(options=self.settings, include_paused=True, cached=True)
+
+    def send_messages(self, email_messages: Iterable[EmailMessage]) -> int:
+        """Route each message and store it in the outbox; return how many were queued.
+
+        The rows are written :data:`~django_gmail_smtp.outbox.QUEUE_CHUNK` at a time (one
+        INSERT each) and their ids handed to Celery once per chunk when the transaction commits
+        (with one broker connection). ``email_messages`` may be any iterable: a generator keeps
+        memory flat however many messages there are. Bad input raises at once (the messages
+        before it are queued); other errors are logged instead when ``fail_silently``.
+        """
+        if not email_messages:
+            return 0
+        with self._lock:
+            router = self.router()
+            done = 0
+            with OutboxWriter(mailer=self.settings.alias, using=self.using) as writer:
+                for message in email_messages:
+                    try:
+                        envelope, priority = self.pipeline.route(
+                            router, message, self.priority, action=self.action
+                        )
+                    except InvalidMessage:
+                        raise  # never hidden by fail_silently
+                    except GmailSMTPError:
+                        if not self.fail_silently:
+                            raise
+                        logger.warning(
+                            "Message not %s (fail_silently=True)", self.action, exc_info=True
+                        )
+                    else:
+                        writer.add(envelope, message, priority)
+                        done += 1
+            return done
+
     def handle(self, router: Router, message: EmailMessage) -> None:
+        """Queue one routed message now (one INSERT; its id handed to Celery on commit)."""
         self.pipeline.queue(router, message, self.priority, using=self.using)
 
     def _refuse_options_the_worker_cannot_see(self) -> None:

@@ -68,6 +68,10 @@ DEFAULTS: dict[str, Any] = {
     "SWEEP_INTERVAL": 60,  # seconds between sweeps in the ready beat schedule
     "SENDING_LEASE": 600,  # seconds a worker may hold a row in "sending" before it is re-queued
     "POOL_IDLE_CHECK": 30,  # seconds idle after which a pooled connection is probed (NOOP)
+    "STREAM_BATCH": 20,  # due messages of one account a worker takes per claim and streams
+    "CONNECTIONS_PER_ACCOUNT": 1,  # connections to one account open at once, across the site
+    "CONNECTION_LEASE": 60,  # seconds a worker's hold on an account's connection lasts unrenewed
+    "CONNECTION_IDLE": 10,  # seconds a worker keeps an idle account connection (and its hold)
     "BODY_RETENTION_DAYS": 7,  # bodies of sent/failed/cancelled mail are dropped after; None: keep
     "MAX_MESSAGE_SIZE": 35882577,  # bytes; larger messages are refused (Gmail's advertised SIZE)
     "TRANSPORT_CLASS": "django_gmail_smtp.transport.ConnectionPool",
@@ -427,6 +431,35 @@ SETTINGS: dict[str, Setting] = {
             "Seconds idle after which a pooled connection is probed (NOOP) before reuse.",
         ),
         Setting(
+            "STREAM_BATCH",
+            "a whole number of at least 1 such as 20",
+            _number(integer=True, minimum=1),
+            "Due messages of one account a worker takes in one claim and streams over its "
+            "connection (RFC 2920 pipelining), with their quota reserved and their outcomes "
+            "recorded as each is accepted.",
+        ),
+        Setting(
+            "CONNECTIONS_PER_ACCOUNT",
+            "a whole number of at least 1 such as 1",
+            _number(integer=True, minimum=1),
+            "Connections to one Gmail account that the site's workers keep open at once, "
+            "whatever their number and concurrency (Gmail answers too many logins with 454).",
+        ),
+        Setting(
+            "CONNECTION_LEASE",
+            f"{_SECONDS} above 0 such as 60",
+            _number(above=0),
+            "Seconds a worker's hold on an account's connection lasts without renewal: the "
+            "hold of a worker that died is taken over after this.",
+        ),
+        Setting(
+            "CONNECTION_IDLE",
+            f"{_SECONDS} of at least 0 such as 10",
+            _number(minimum=0),
+            "Seconds a worker keeps an account's connection open (and sends that account's new "
+            "mail over it) after its queue ran dry, before closing it for other workers.",
+        ),
+        Setting(
             "BODY_RETENTION_DAYS",
             "a number of days of at least 0 such as 7, or None to keep bodies",
             _number(minimum=0),
@@ -490,7 +523,7 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting(
             "NEWSLETTER_BREAKER_MINIMUM",
-            "a whole number of at least 1 such as 50",
+            "a whole number of at least 1 such as 20",
             _number(integer=True, minimum=1),
             "Messages a campaign sends before its refusal rate is judged.",
         ),

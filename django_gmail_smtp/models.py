@@ -341,6 +341,28 @@ class SenderQuota(models.Model):
         return self.address
 
 
+class ConnectionSlot(models.Model):
+    """One of the connections the site's workers may keep open to an account at once
+    (``CONNECTIONS_PER_ACCOUNT``): held, with a lease, by the worker process whose connection
+    it is (see :mod:`django_gmail_smtp.slots`). Kept in the quota ledger's database."""
+
+    address = models.EmailField(_("address"))
+    number = models.PositiveSmallIntegerField(_("slot"), default=0)
+    holder = models.CharField(_("held by"), max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(_("lease expires"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("connection slot")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["address", "number"], name="gmail_smtp_connection_slot_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.address} #{self.number}: {self.holder or 'free'}"
+
+
 class QuotaBucket(models.Model):
     """Messages and recipients reserved in one minute; the window sums at most 1,440 of them."""
 

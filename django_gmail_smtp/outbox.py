@@ -8,10 +8,14 @@ this module keeps the rows:
   it) inside the caller's transaction, and hands only the row id to Celery once that
   transaction commits. :func:`queue_messages` routes and stores (the entry point for code that
   queues mail itself, such as a campaign).
-- :func:`claim` takes a due row atomically; :class:`OutboxRecord` writes its outcome (sent,
-  retry, deferred, failed); :func:`deliver` (the task's body) runs the pipeline on one row.
+- :func:`claim` takes a due row atomically; :func:`claim_batch` takes the next due rows of one
+  sending address and mailer (a worker's stream); :class:`OutboxRecord` writes one row's
+  outcome (sent, retry, deferred, failed), :func:`record_sent` several sent rows in one
+  transaction, :func:`release_claims` gives back rows a stream did not reach; :func:`deliver`
+  (the task's body) runs the pipeline on a row (and, streaming, on its account's due mail).
 - :func:`sweep` re-enqueues what is due: deferred rows whose time has come, queued rows whose
-  task never reached the broker, and rows left ``sending`` past their lease.
+  task never reached the broker, rows left ``sending`` past their lease, and (one task per
+  address) mail that waited for a connection slot whose holder died.
 
 Each outcome (the row's new state, its attempt-log entry and, for recipients Gmail refused
 temporarily, the follow-up row that retries them) is written in one transaction: no reader sees
@@ -33,7 +37,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -53,7 +57,7 @@ from .routing import Envelope, Router
 from .transport import SendResult
 
 if TYPE_CHECKING:
-    from .pipeline import TransportFactory
+    from .pipeline import KeepWarm, TransportFactory
     from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -69,19 +73,33 @@ FINAL_STATES = (Status.SENT, Status.FAILED, Status.CANCELLED)
 # --- queueing ----------------------------------------------------------------------------------
 
 
+#: messages written per INSERT, and published per on-commit callback, when queueing many
+QUEUE_CHUNK = 500
+#: row ids per task when several are handed over at once: few enough that a worker's processes
+#: share a chunk (and a lost task costs little), many enough that publishing stays cheap
+TASK_IDS = 100
+
+
 def queue_messages(
-    messages: Sequence[EmailMessage],
+    messages: Iterable[EmailMessage],
     *,
     router: Router | None = None,
     priority: str | None = None,
     using: str | None = None,
     options: SettingsLike = None,
     mailer: str | None = None,
+    keep_rows: bool = True,
 ) -> list[OutboundEmail]:
-    """Route each message and store it in the outbox; its id is enqueued when the transaction
+    """Route each message and store it in the outbox; the ids are enqueued when the transaction
     commits. Bad input (header injection, too many recipients, a message larger than
-    ``MAX_MESSAGE_SIZE``, ...) raises before anything is stored, as the sync backend refuses it
-    before connecting.
+    ``MAX_MESSAGE_SIZE``, ...) raises before that message is stored (the ones before it are
+    stored, as with one call per message), as the sync backend refuses it before connecting.
+
+    Rows are written :data:`QUEUE_CHUNK` at a time (one INSERT and one publish each), inside
+    the caller's transaction if there is one, else each chunk in its own. ``messages`` may be
+    any iterable: a generator keeps memory flat however many there are. ``keep_rows=False``
+    returns an empty list instead of every row (each message still gets its
+    ``gmail_outbound_id``), for memory that does not grow with the count.
 
     ``mailer``: the ``MAILERS`` alias whose options the worker sends with (its settings are
     used here too); else ``options`` (a :class:`~django_gmail_smtp.conf.MailerSettings`), else
@@ -92,21 +110,19 @@ def queue_messages(
 
     settings = for_mailer(mailer) if mailer is not None else as_settings(options)
     pipeline = Pipeline(settings)
-    router = router or pipeline.router(include_paused=True)
+    router = router or Router(options=settings, include_paused=True, cached=True)
     default = priority or settings.priority
-    return [pipeline.queue(router, message, default, using=using) for message in messages]
+    with OutboxWriter(mailer=settings.alias, using=using, keep_rows=keep_rows) as writer:
+        for message in messages:
+            envelope, message_priority = pipeline.route(router, message, default, action="queued")
+            writer.add(envelope, message, message_priority)
+    return writer.rows
 
 
-def store(
-    envelope: Envelope,
-    message: EmailMessage,
-    *,
-    priority: str,
-    mailer: str = "",
-    using: str | None = None,
+def _new_row(
+    envelope: Envelope, message: EmailMessage, *, priority: str, mailer: str, now: datetime
 ) -> OutboundEmail:
-    """Write one routed message to the outbox and enqueue its id when the transaction commits."""
-    row = OutboundEmail.objects.using(using).create(
+    return OutboundEmail(
         status=Status.QUEUED,
         priority=priority,
         mailer=mailer,
@@ -119,12 +135,113 @@ def store(
         mime=envelope.data,
         size=len(envelope.data),
         from_rewritten=envelope.from_rewritten,
+        # Set now, in the same INSERT, rather than by an UPDATE after publishing: a statement
+        # (and on SQLite a commit) less for the caller. Should the hand-off fail, publish()
+        # clears it so the sweeper enqueues the row after SWEEP_GRACE; should it never run
+        # (the process dies between the commit and the publish), the sweeper still enqueues
+        # the row, after its "lost task" delay (10 x SWEEP_GRACE, at least 5 minutes).
+        enqueued_at=now,
     )
+
+
+def store(
+    envelope: Envelope,
+    message: EmailMessage,
+    *,
+    priority: str,
+    mailer: str = "",
+    using: str | None = None,
+) -> OutboundEmail:
+    """Write one routed message to the outbox and enqueue its id when the transaction commits."""
+    row = _new_row(envelope, message, priority=priority, mailer=mailer, now=timezone.now())
+    row.save(using=using, force_insert=True)
     # A documented extra attribute on the caller's message (Django's class does not declare it).
     message.gmail_outbound_id = row.pk  # type: ignore[attr-defined]
     signals.email_queued.send(OutboundEmail, outbound=row, message=message)
-    transaction.on_commit(partial(dispatch, row.pk, row.priority), using=using)
+    batch = [(row.pk, row.priority, row.account_email)]
+    transaction.on_commit(partial(_publish_on_commit, batch), using=using)
     return row
+
+
+class OutboxWriter:
+    """Stores routed messages in the outbox in chunks: one INSERT (``bulk_create``) and one
+    on-commit publish per :data:`QUEUE_CHUNK` messages, inside the caller's transaction when
+    there is one (else each chunk commits on its own).
+
+    Use it as a context manager: leaving the block writes what is pending, also when the block
+    raises (the messages added before a refused one are stored, as with one call each).
+    ``keep_rows``: collect the written rows in :attr:`rows` (else only count them).
+    """
+
+    def __init__(
+        self,
+        *,
+        mailer: str = "",
+        using: str | None = None,
+        chunk_size: int | None = None,
+        keep_rows: bool = False,
+    ) -> None:
+        self.mailer = mailer
+        self.db = using or db_router.db_for_write(OutboundEmail)
+        self.chunk_size = max(1, chunk_size or QUEUE_CHUNK)
+        self.keep_rows = keep_rows
+        self.rows: list[OutboundEmail] = []
+        self.count = 0
+        self._pending: list[tuple[OutboundEmail, EmailMessage]] = []
+        self._failed = False
+
+    def __repr__(self) -> str:
+        return f"<OutboxWriter {self.count} written, {len(self._pending)} pending>"
+
+    def __enter__(self) -> OutboxWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._failed:  # a failed INSERT is not tried again on the way out
+            self.flush()
+
+    def add(self, envelope: Envelope, message: EmailMessage, priority: str) -> None:
+        """Add one routed message; a full chunk is written at once."""
+        row = _new_row(envelope, message, priority=priority, mailer=self.mailer, now=_now())
+        self._pending.append((row, message))
+        if len(self._pending) >= self.chunk_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending messages (one INSERT) and publish their ids on commit."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        rows = [row for row, _ in pending]
+        alone = len(rows) == 1 and transaction.get_autocommit(using=self.db)
+        try:
+            # One row outside a transaction: a plain INSERT (it commits alone), not
+            # BEGIN / INSERT / COMMIT.
+            with nullcontext() if alone else transaction.atomic(using=self.db, savepoint=False):
+                if alone:
+                    rows[0].save(using=self.db, force_insert=True)
+                else:
+                    OutboundEmail.objects.using(self.db).bulk_create(rows)
+                for row, message in pending:
+                    message.gmail_outbound_id = row.pk  # type: ignore[attr-defined]
+                    signals.email_queued.send(OutboundEmail, outbound=row, message=message)
+                batch = [(row.pk, row.priority, row.account_email) for row in rows]
+                transaction.on_commit(partial(_publish_on_commit, batch), using=self.db)
+        except BaseException:
+            self._failed = True
+            raise
+        self.count += len(rows)
+        if self.keep_rows:
+            self.rows.extend(rows)
+
+
+def _now() -> datetime:
+    return timezone.now()
+
+
+def _publish_on_commit(batch: list[tuple[int, str, str]]) -> None:
+    # Looked up when the transaction commits, so tests can replace publish().
+    publish(batch)
 
 
 def refuse_oversized(
@@ -181,6 +298,70 @@ def dispatch(outbound_id: int, priority: str, countdown: float | None = None) ->
     return True
 
 
+def publish(batch: Sequence[tuple[int, str, str]]) -> int:
+    """Hand freshly queued rows (``(id, priority, sending address)``) to Celery, with one
+    producer and broker connection for all of them (Celery's pool keeps it between calls);
+    return how many were handed over. One row is one ``send_outbound_email`` task; several rows
+    of one priority and sending address are ``send_outbound_emails`` tasks of up to
+    :data:`TASK_IDS` ids (a publish per hundred messages of a bulk ``send_messages``, not per
+    message, while rows of different accounts stay separate tasks that workers can send side
+    by side). Rows whose hand-off
+    failed get ``enqueued_at`` cleared, so the sweeper enqueues them after ``SWEEP_GRACE``; a
+    broker that is down is logged, not raised."""
+    from .tasks import send_outbound_email, send_outbound_emails
+
+    groups: dict[tuple[str, str], list[int]] = {}
+    for outbound_id, priority, address in batch:
+        groups.setdefault((priority, address), []).append(outbound_id)
+    handed: set[int] = set()
+    try:
+        with send_outbound_email.app.producer_or_acquire() as producer:
+            # Fail fast (kombu would otherwise retry the connection for seconds while the
+            # caller's web request waits): the sweeper enqueues the rows later.
+            producer.connection.ensure_connection(max_retries=0)
+            for (priority, _), group in groups.items():
+                queue = queue_name(priority)
+                for start in range(0, len(group), TASK_IDS):
+                    ids = group[start : start + TASK_IDS]
+                    if len(ids) == 1:
+                        send_outbound_email.apply_async(
+                            (ids[0],), queue=queue, retry=False, producer=producer
+                        )
+                    else:
+                        send_outbound_emails.apply_async(
+                            (ids,), queue=queue, retry=False, producer=producer
+                        )
+                    handed.update(ids)
+    except Exception as exc:  # kombu raises various errors for a broker that is down
+        rest = [pk for pk, *_ in batch if pk not in handed]
+        if len(rest) == 1:
+            which, stays, them = f"outbound email {rest[0]}", "it stays", "it"
+        else:
+            which = f"{len(rest)} outbound emails ({rest[0]} to {rest[-1]})"
+            stays, them = "they stay", "them"
+        if isinstance(exc, ImproperlyConfigured):  # e.g. QUEUES: say what to fix
+            logger.error(
+                "Could not hand %s to Celery: %s %s queued; the sweeper enqueues %s once the "
+                "setting is fixed.",
+                which,
+                exc,
+                stays.capitalize(),
+                them,
+            )
+        else:
+            logger.warning(
+                "Could not hand %s to Celery (%s: %s); %s queued and the sweeper will send %s",
+                which,
+                type(exc).__name__,
+                exc,
+                stays,
+                them,
+            )
+        with suppress(Exception):  # the database may be the trouble; the rows are queued
+            OutboundEmail.objects.filter(pk__in=rest, status=Status.QUEUED).update(enqueued_at=None)
+    return len(handed)
+
+
 # --- delivery ----------------------------------------------------------------------------------
 
 
@@ -190,16 +371,31 @@ def deliver(
     pool: Transport | None = None,
     transports: TransportFactory | None = None,
     worker: str = WORKER_ID,
+    keep_warm: KeepWarm | None = None,
+    stream: bool = False,
+    priorities: tuple[str, ...] | None = None,
 ) -> Outcome:
     """Send one outbox row with the settings of the mailer that queued it; return what
     happened: sent, retry, deferred, failed or skipped (see
     :func:`django_gmail_smtp.pipeline.deliver_outbound`).
 
     ``pool``: the transport to send with, whatever the row's mailer; ``transports``: finds
-    the transport for a mailer's settings (the worker's pools); neither: a new one."""
+    the transport for a mailer's settings (the worker's pools); neither: a new one.
+    ``stream``: hold one of the account's connection slots and stream this row with the
+    account's other due mail (what the task does); else this row alone. ``keep_warm``: given
+    the slot once the account's mail is drained, instead of giving it back (the worker keeps
+    the connection open for the next mail). ``priorities``: the stream's mail (None: all)."""
     from .pipeline import deliver_outbound
 
-    return deliver_outbound(outbound_id, worker=worker, transport=pool, transports=transports)
+    return deliver_outbound(
+        outbound_id,
+        worker=worker,
+        transport=pool,
+        transports=transports,
+        keep_warm=keep_warm,
+        stream=stream,
+        priorities=priorities,
+    )
 
 
 class OutboxRecord:
@@ -487,6 +683,175 @@ def claim(outbound_id: int, worker: str) -> OutboundEmail | None:
     return None
 
 
+def _due(now: datetime) -> Q:
+    """Rows a stream may take now: queued ones that are due, and deferred ones whose time has
+    come (a deferred row without a time waits for its account to be fixed)."""
+    return Q(status=Status.QUEUED) & (
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now + EARLY)
+    ) | Q(status=Status.DEFERRED, next_attempt_at__lte=now + EARLY)
+
+
+def claim_batch(
+    account_email: str,
+    mailer: str,
+    worker: str,
+    *,
+    limit: int,
+    exclude: Iterable[int] = (),
+    priorities: Sequence[str] | None = None,
+) -> list[OutboundEmail]:
+    """Atomically take up to ``limit`` due rows of one sending address and mailer (never
+    another's), transactional mail first, then oldest first; each row gets its own lease, and
+    ``worker`` (the claim's token) as its owner. ``priorities``: only rows of these (a worker
+    that serves the transactional queue alone never sends bulk mail)."""
+    if limit <= 0:
+        return []
+    now = timezone.now()
+    lease = timedelta(seconds=float(get_setting("SENDING_LEASE")))
+    mine = OutboundEmail.objects.filter(account_email=account_email, mailer=mailer)
+    if priorities is not None:
+        mine = mine.filter(priority__in=list(priorities))
+    candidates = list(
+        mine.filter(_due(now))
+        .exclude(pk__in=list(exclude))
+        .order_by("-priority", "pk")
+        .values_list("pk", flat=True)[:limit]
+    )
+    if not candidates:
+        return []
+    # Filter on the state again: a row another worker took meanwhile stays its own.
+    mine.filter(_due(now), pk__in=candidates).update(
+        status=Status.SENDING, lease_expires_at=now + lease, claimed_by=worker
+    )
+    rows = OutboundEmail.objects.select_related("account").filter(
+        pk__in=candidates, status=Status.SENDING, claimed_by=worker
+    )
+    order = {pk: index for index, pk in enumerate(candidates)}
+    return sorted(rows, key=lambda row: order[row.pk])
+
+
+def has_due(account_email: str, priorities: Sequence[str] | None = None) -> bool:
+    """Whether a stream of this sending address (of these priorities) would find rows now."""
+    rows = OutboundEmail.objects.filter(account_email=account_email).filter(_due(timezone.now()))
+    if priorities is not None:
+        rows = rows.filter(priority__in=list(priorities))
+    return rows.exists()
+
+
+def due_mailers(account_email: str, priorities: Sequence[str] | None = None) -> list[str]:
+    """The mailers that have rows of this sending address (of these priorities) due now."""
+    rows = OutboundEmail.objects.filter(account_email=account_email).filter(_due(timezone.now()))
+    if priorities is not None:
+        rows = rows.filter(priority__in=list(priorities))
+    return sorted(set(rows.values_list("mailer", flat=True)))
+
+
+def kick(account_email: str) -> bool:
+    """Hand the first due row of this sending address to Celery (its worker streams the
+    rest); False when none is due."""
+    first = (
+        OutboundEmail.objects.filter(account_email=account_email)
+        .filter(_due(timezone.now()))
+        .order_by("-priority", "pk")
+        .values_list("pk", "priority")
+        .first()
+    )
+    return first is not None and dispatch(*first)
+
+
+def release_claims(records: Sequence[OutboxRecord], *, at: datetime | None = None) -> int:
+    """Give claimed rows that were not sent back (not an attempt): due again, or at ``at``."""
+    total = 0
+    for worker in {record.worker for record in records}:
+        ids = [record.row.pk for record in records if record.worker == worker]
+        total += OutboundEmail.objects.filter(
+            pk__in=ids, status=Status.SENDING, claimed_by=worker
+        ).update(
+            status=Status.QUEUED,
+            lease_expires_at=None,
+            claimed_by="",
+            next_attempt_at=at,
+            updated_at=timezone.now(),
+        )
+    return total
+
+
+def record_sent(
+    items: Sequence[tuple[OutboxRecord, SendResult]],
+    account: GmailAccount,
+    *,
+    mark_account: bool = True,
+) -> None:
+    """Record Gmail's acceptance of several claimed rows in one transaction: each row sent,
+    with its attempt (see :meth:`OutboxRecord.sent`, which does the same for one row).
+    ``mark_account=False``: the caller records the account's last send itself (once per
+    stream rather than once per message)."""
+    if not items:
+        return
+    db = items[0][0].db
+    at = timezone.now()
+    updates = []
+    for record, result in items:
+        fields = {
+            "lease_expires_at": None,
+            "status": Status.SENT,
+            "sent_at": at,
+            "gmail_reply": result.reply[:2000],
+            "refused_recipients": {r: list(v) for r, v in result.refused.items()},
+            "reason": Reason.NONE,
+            "last_error": "",
+            "next_attempt_at": None,
+            "updated_at": at,
+        }
+        for name, value in fields.items():
+            setattr(record.row, name, value)
+        attempt = {
+            "outbound_id": record.row.pk,
+            "at": at,
+            "account_email": record.row.account_email,
+            "outcome": AttemptOutcome.SENT,
+            "code": 250,
+            "reply": result.reply[:2000],
+            "phase": "data",
+            "worker": record.worker,
+        }
+        updates.append((record, fields, attempt))
+
+    def write(again: bool) -> None:
+        rows = OutboundEmail.objects.using(db)
+        attempts = OutboundAttempt.objects.using(db)
+        with transaction.atomic(using=db):
+            todo = updates
+            if again:
+                # The earlier try may have committed; only its acknowledgement was lost.
+                done = set(
+                    attempts.filter(
+                        outbound_id__in=[r.row.pk for r, _f, _a in updates],
+                        at=at,
+                        outcome=AttemptOutcome.SENT,
+                    ).values_list("outbound_id", flat=True)
+                )
+                todo = [u for u in updates if u[0].row.pk not in done]
+            for record, fields, _attempt in todo:
+                changed = rows.filter(
+                    pk=record.row.pk, status=Status.SENDING, claimed_by=record.worker
+                ).update(**fields)
+                if not changed:
+                    logger.warning(
+                        "Outbound email %s was sent after its lease ran out (SENDING_LEASE is "
+                        "too short for this send)",
+                        record.row.pk,
+                    )
+                    rows.filter(
+                        pk=record.row.pk, status__in=[Status.QUEUED, Status.DEFERRED]
+                    ).update(**fields)
+            attempts.bulk_create([OutboundAttempt(**a) for _r, _f, a in todo])
+            if todo and mark_account:
+                account.mark_sent(at)
+
+    _write_with_retries(write, db=db, row_id=items[0][0].row.pk, accepted=True)
+
+
 # --- sweeping and maintenance --------------------------------------------------------------------
 
 
@@ -526,13 +891,39 @@ def sweep(*, limit: int = 1000) -> dict[str, int]:
     retention = get_setting("BODY_RETENTION_DAYS")
     if retention is not None:
         purge(delete_sent_after=None, drop_bodies_after=timedelta(days=float(retention)))
+    handed: list[int] = []
     for name, queryset in (("due", due_deferred), ("stale_queued", stale_queued)):
         for pk, priority in queryset.order_by("-priority", "pk").values_list("pk", "priority")[
             :limit
         ]:
             if dispatch(pk, priority):
                 counts[name] += 1
+                handed.append(pk)
+    addresses = set(
+        OutboundEmail.objects.filter(pk__in=handed).values_list("account_email", flat=True)
+    )
+    counts["stale_queued"] += _restart_streams(now - grace, skip=addresses)
     return counts
+
+
+def _restart_streams(before: datetime, *, skip: set[str]) -> int:
+    """Start a stream for each address whose due mail waits with nobody holding its
+    connection slot (its holder was killed, and the tasks of that mail skipped it while it
+    held the slot): one task per address, its worker takes the rest."""
+    from . import slots
+
+    slots.expire()
+    waiting = (
+        OutboundEmail.objects.filter(_due(timezone.now()))
+        .filter(Q(enqueued_at__lt=before) | Q(enqueued_at__isnull=True, created_at__lt=before))
+        .values_list("account_email", flat=True)
+        .distinct()
+    )
+    started = 0
+    for address in list(waiting):
+        if address not in skip and not slots.held(address) and kick(address):
+            started += 1
+    return started
 
 
 def select(

@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,14 +34,20 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.utils import timezone
 
-from . import outbox, quota, signals
-from .conf import DEFAULTS, MailerSettings, for_mailer
+from . import outbox, quota, signals, slots
+from .conf import DEFAULTS, MailerSettings, for_mailer, get_setting
 from .credentials import settings_account
 from .enums import ErrorCategory, Outcome, Priority, Reason
-from .exceptions import GmailSMTPError, MessageTooLarge, QuotaExceeded
+from .exceptions import (
+    ConnectionFailed,
+    GmailSMTPError,
+    InvalidMessage,
+    MessageTooLarge,
+    QuotaExceeded,
+)
 from .models import GmailAccount, OutboundEmail, normalize_address
 from .routing import Envelope, Router, account_key, explicit_account
-from .transport import SendResult, Transport, make_transport
+from .transport import SendResult, Transport, closing_iterator, make_transport
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +158,89 @@ class Pipeline:
                 exc.next_slot_at = quota.mark_exhausted(envelope.account, exc.reply, self.settings)
             raise
 
+    def attempt_many(
+        self,
+        account: GmailAccount,
+        items: Sequence[tuple[Envelope, str]],
+        *,
+        stop_at_refusal: bool = False,
+    ) -> Generator[tuple[int, SendResult | Exception], None, None]:
+        """Reserve quota for several messages of ``account`` (envelope, priority) in one
+        ledger transaction and stream them over one connection; yield each one's index and
+        outcome (Gmail's acceptance, or the error of that message) in order.
+
+        A message the ledger refuses is yielded with its :class:`QuotaExceeded` (or
+        :class:`~django_gmail_smtp.exceptions.TooManyRecipients`) and not sent. The stream
+        stops early when the connection is lost or cannot be opened: the error is yielded for
+        the message it concerns, and the messages after it are not yielded (they were not
+        sent; their quota is given back). As in :meth:`attempt`, a reservation is kept only
+        when Gmail accepted the message or may have kept it. ``stop_at_refusal``: only the
+        messages before the first one the ledger refuses are sent, then that refusal is
+        yielded (as sending one by one would stop there)."""
+        reservations = quota.reserve_many(
+            account, [(len(e.recipients), p) for e, p in items], options=self.settings
+        )
+        index_of: dict[int, int] = {}
+        to_send: list[Envelope] = []
+        unused: dict[int, quota.Reservation] = {}
+        refused = [i for i, r in enumerate(reservations) if not isinstance(r, quota.Reservation)]
+        cut = refused[0] if stop_at_refusal and refused else None
+        for index, ((envelope, _priority), reservation) in enumerate(
+            zip(items, reservations, strict=True)
+        ):
+            if isinstance(reservation, quota.Reservation):
+                if cut is not None and index > cut:
+                    reservation.release()  # not sent: the stream stops at the refusal
+                    continue
+                index_of[id(envelope)] = index
+                to_send.append(envelope)
+                unused[index] = reservation
+        try:
+            if cut is None:
+                for index in refused:
+                    yield index, _refusal(reservations[index])  # refused by the ledger
+            for envelope, outcome in self._stream(account, to_send) if to_send else ():
+                index = index_of[id(envelope)]
+                reservation = unused.pop(index)
+                if isinstance(outcome, SendResult):
+                    yield index, outcome
+                else:
+                    yield index, self._failed(envelope, reservation, outcome)
+            if cut is not None and not unused:
+                yield cut, _refusal(reservations[cut])
+        except Exception as exc:  # the connection could not be opened (or a bug)
+            if unused:
+                first = min(unused)
+                yield first, self._failed(items[first][0], unused.pop(first), exc)
+        finally:
+            for reservation in unused.values():  # never sent
+                reservation.release()
+
+    def _stream(
+        self, account: GmailAccount, envelopes: list[Envelope]
+    ) -> Iterator[tuple[Envelope, SendResult | GmailSMTPError]]:
+        stream = getattr(self.transport, "stream", None)
+        if stream is not None:
+            yield from stream(account, envelopes)
+            return
+        for envelope in envelopes:  # a transport that sends one message at a time
+            try:
+                yield envelope, self.transport.send(envelope)
+            except GmailSMTPError as exc:
+                yield envelope, exc
+                if isinstance(exc, ConnectionFailed) or exc.smtp_code == 421:
+                    return
+
+    def _failed(
+        self, envelope: Envelope, reservation: quota.Reservation, error: Exception
+    ) -> Exception:
+        # When in doubt, count it: no reply to the final "." means Gmail may have kept it.
+        if not getattr(error, "maybe_delivered", False):
+            reservation.release()
+        if isinstance(error, QuotaExceeded) and error.limit == "gmail":
+            error.next_slot_at = quota.mark_exhausted(envelope.account, error.reply, self.settings)
+        return error
+
     # --- the sync backend: everything now ----------------------------------------------------
 
     def send_now(self, router: Router, message: EmailMessage, default_priority: str) -> SendResult:
@@ -184,6 +274,118 @@ class Pipeline:
         # Refused recipients are in message.gmail_status["refused"]; nothing retries them.
         self._sent(envelope.account, result, message=message)
         return result
+
+    def send_many(
+        self,
+        router: Router,
+        messages: Sequence[EmailMessage],
+        default_priority: str,
+        *,
+        fail_silently: bool = False,
+    ) -> int:
+        """Route, reserve, send and record several messages now, streaming the consecutive
+        ones of one account over one connection (:meth:`attempt_many`); return how many were
+        sent. As :meth:`send_now` one by one would: bad input raises (the messages before it
+        are sent first), an account without quota fails over to another, and a sending error
+        is raised (after the others were sent and recorded) unless ``fail_silently``."""
+        done = 0
+        run: list[tuple[EmailMessage, Envelope, Priority]] = []
+        errors: list[GmailSMTPError] = []
+        for message in messages:
+            try:
+                envelope, priority = self.route(router, message, default_priority, action="sent")
+            except InvalidMessage:
+                done += self._send_run(router, run, errors, fail_silently)
+                self._raise_first(errors, fail_silently)
+                raise  # never hidden by fail_silently
+            except GmailSMTPError as exc:
+                done += self._send_run(router, run, errors, fail_silently)
+                errors.append(exc)
+                self._raise_first(errors, fail_silently)  # as send_now: nothing after it
+                continue
+            run.append((message, envelope, priority))
+        done += self._send_run(router, run, errors, fail_silently)
+        self._raise_first(errors, fail_silently)
+        return done
+
+    @staticmethod
+    def _raise_first(errors: list[GmailSMTPError], fail_silently: bool) -> None:
+        if errors and not fail_silently:
+            raise errors[0]
+        for error in errors:
+            logger.warning("Message not sent (fail_silently=True)", exc_info=error)
+        errors.clear()
+
+    def _send_run(
+        self,
+        router: Router,
+        run: list[tuple[EmailMessage, Envelope, Priority]],
+        errors: list[GmailSMTPError],
+        fail_silently: bool = True,
+    ) -> int:
+        """Stream each group of consecutive messages of one account; return how many sent."""
+        done = 0
+        start = 0
+        while start < len(run):
+            key = account_key(run[start][1].account)
+            end = start
+            while end < len(run) and account_key(run[end][1].account) == key:
+                end += 1
+            account = run[start][1].account
+            sent = False
+            group = run[start:end]
+            offset = 0
+            while offset < len(group) and not (errors and not fail_silently):
+                part = group[offset:]
+                offset = len(group)
+                stream = self.attempt_many(
+                    account,
+                    [(envelope, priority) for _m, envelope, priority in part],
+                    stop_at_refusal=True,
+                )
+                for index, outcome in closing_iterator(stream):
+                    message, envelope, priority = part[index]
+                    if isinstance(outcome, SendResult):
+                        self._record_now(message, envelope, outcome)
+                        sent = True
+                        done += 1
+                        continue
+                    if isinstance(outcome, QuotaExceeded) and router.route(
+                        message, exclude=[account_key(account)]
+                    ):
+                        try:  # another account that may send as this From, as send_now does
+                            self.send_now(router, message, priority)
+                            done += 1
+                            if outcome.phase == "quota":  # the ledger stopped the stream here
+                                offset = len(group) - len(part) + index + 1
+                            continue
+                        except GmailSMTPError as exc:
+                            outcome = exc
+                    if not isinstance(outcome, GmailSMTPError):
+                        raise outcome
+                    errors.append(outcome)
+                    if not fail_silently:
+                        break  # as one by one: nothing after the failed message is sent
+                    if outcome.phase == "quota":
+                        offset = len(group) - len(part) + index + 1
+            if sent:
+                account.mark_sent()
+            if errors and not fail_silently:
+                break
+            start = end
+        run.clear()
+        return done
+
+    def _record_now(self, message: EmailMessage, envelope: Envelope, result: SendResult) -> None:
+        # A documented extra attribute on the caller's message (Django's class does not declare it).
+        message.gmail_status = {  # type: ignore[attr-defined]
+            "account": envelope.account.email,
+            "reply": result.reply,
+            "message_id": result.message_id,
+            "refused": result.refused,
+            "from_rewritten": envelope.from_rewritten,
+        }
+        self._sent(envelope.account, result, message=message)
 
     # --- the Celery backend: route and refuse now, queue for the worker ----------------------
 
@@ -242,6 +444,116 @@ class Pipeline:
         except BaseException as exc:
             return self.settle(record, exc)
         return self._record_sent(record, account, result)
+
+    def deliver_batch(self, records: Sequence[outbox.OutboxRecord]) -> BatchResult:
+        """Send claimed rows of one sending address and mailer in one stream and record what
+        happened to each: the sent ones together (one transaction), a failure on its own row
+        (classified by :meth:`settle`). Rows the stream did not reach go back to the queue."""
+        result = BatchResult()
+        if not records:
+            return result
+        row = records[0].row
+        try:
+            account = self.account_for(row)
+        except BaseException as exc:  # e.g. the database, a bad login option: recorded
+            for record in records:
+                result.outcomes[record.row.pk] = self.settle(record, exc)
+            return result
+        waiting = self._waiting(row, account)
+        if waiting is not None or account is None:
+            for record in records:
+                result.outcomes[record.row.pk] = self.deliver(record)
+            return result
+        envelopes = [
+            Envelope(
+                account=account,
+                mail_from=r.row.from_email,
+                recipients=list(r.row.recipients),
+                data=bytes(r.row.mime),
+                message_id=r.row.message_id,
+            )
+            for r in records
+        ]
+        sent_any = False
+        seen: set[int] = set()
+        last_error: Exception | None = None
+        try:
+            items = [(e, r.row.priority) for e, r in zip(envelopes, records, strict=True)]
+            for index, outcome in self.attempt_many(account, items):
+                seen.add(index)
+                record = records[index]
+                if isinstance(outcome, SendResult):
+                    # Recorded as soon as Gmail accepts it, before the stream goes on: a
+                    # worker killed later in the stream must not leave it to be sent again
+                    # (the duplicate window stays one message wide, as without streaming).
+                    self._record_sent_batch(account, [(record, outcome)], result)
+                    sent_any = True
+                else:
+                    last_error = outcome
+                    result.outcomes[record.row.pk] = self.settle(record, outcome)
+        finally:
+            if sent_any:
+                account.mark_sent()
+        untouched = [r for i, r in enumerate(records) if i not in seen]
+        if untouched:
+            result.untouched = len(untouched)
+            phase = getattr(last_error, "phase", "")
+            if last_error is not None and phase in ("mail", "rcpt", "data", "after_data", "size"):
+                # Dropped mid-stream: the rest go back to due, for a fresh connection.
+                outbox.release_claims(untouched)
+            else:  # the connection could not be opened: the same fate for every row
+                result.stop = True
+                self._share_failure(untouched, last_error, result)
+        return result
+
+    def _share_failure(
+        self,
+        records: list[outbox.OutboxRecord],
+        error: Exception | None,
+        result: BatchResult,
+    ) -> None:
+        """Rows a stream never reached because the connection could not be opened: those
+        waiting for the account or a setting wait too; a temporary failure puts them back at
+        the first one's retry time (not counted as their attempt)."""
+        category = classify(error) if error is not None else ErrorCategory.TEMPORARY
+        if error is not None and category in (
+            ErrorCategory.AUTH,
+            ErrorCategory.CONFIG,
+            ErrorCategory.QUOTA,
+        ):
+            for record in records:
+                result.outcomes[record.row.pk] = self.settle(record, error)
+            return
+        delay = retry_delay(1, self.settings)
+        outbox.release_claims(records, at=timezone.now() + timedelta(seconds=delay))
+        for record in records:
+            outbox.dispatch(record.row.pk, record.row.priority, countdown=delay)
+
+    def _record_sent_batch(
+        self,
+        account: GmailAccount,
+        sent: list[tuple[outbox.OutboxRecord, SendResult]],
+        result: BatchResult,
+    ) -> None:
+        # Rows with recipients refused for now need a follow-up row: recorded one by one.
+        simple = [(r, s) for r, s in sent if not any(400 <= v[0] < 500 for v in s.refused.values())]
+        outbox.record_sent(simple, account, mark_account=False)
+        for record, send_result in simple:
+            result.outcomes[record.row.pk] = Outcome.SENT
+            self._sent(account, send_result, outbound=record.row)
+        for record, send_result in sent:
+            if record.row.pk not in result.outcomes:
+                result.outcomes[record.row.pk] = self._record_sent(record, account, send_result)
+
+    def _waiting(self, row: OutboundEmail, account: GmailAccount | None) -> str | None:
+        """Why a row cannot be sent from ``account`` now (None: it can)."""
+        if account is None:
+            return "no account"
+        if not account.is_active:
+            return "paused"
+        if not account.is_healthy:
+            return "unhealthy"
+        return None
 
     def account_for(self, row: OutboundEmail) -> GmailAccount | None:
         """The account a queued row is sent from (None: there is none any more)."""
@@ -366,6 +678,17 @@ class Pipeline:
         )
 
 
+@dataclass
+class BatchResult:
+    """What :meth:`Pipeline.deliver_batch` did: each row's outcome by id, how many rows the
+    stream did not reach, and whether the stream should stop (the connection could not be
+    opened) rather than take more rows."""
+
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    untouched: int = 0
+    stop: bool = False
+
+
 def config_retry_at(record: outbox.OutboxRecord, settings: MailerSettings | None) -> datetime:
     """When to try again after a configuration error: on the retry backoff, growing with each
     deferral, since a fix (a setting, a deleted account added again) may change nothing the app
@@ -374,22 +697,40 @@ def config_retry_at(record: outbox.OutboxRecord, settings: MailerSettings | None
     return timezone.now() + timedelta(seconds=retry_delay(deferrals + 1, settings))
 
 
+def claim_token(worker: str) -> str:
+    """A new claim's token. Each claim has its own: worker processes forked from one parent
+    share its pid, so the worker's name alone cannot tell "still my claim" from a sibling's."""
+    return f"{worker}:{uuid.uuid4().hex[:12]}"
+
+
+#: called with the slot of a drained stream instead of giving it back: the worker keeps the
+#: connection (and the slot) warm for the account's next mail (see ``tasks``)
+KeepWarm = Callable[["slots.Slot"], None]
+
+
 def deliver_outbound(
     outbound_id: int,
     *,
     worker: str,
     transport: Transport | None = None,
     transports: TransportFactory | None = None,
+    keep_warm: KeepWarm | None = None,
+    stream: bool = False,
+    priorities: tuple[str, ...] | None = None,
 ) -> Outcome:
-    """Claim one outbox row and send it with the settings of the mailer that queued it.
+    """Claim one outbox row and send it with the settings of the mailer that queued it; with
+    ``stream`` (what the task does), holding one of the account's connection slots, together
+    with the other due mail of its account (see :func:`stream_account`).
 
     ``transport``: send with this one whatever the mailer (tests, a caller's own pool);
     else ``transports(settings)`` finds the transport for the row's mailer (a worker keeps one
-    per settings), else a new one is built. Returns what happened.
+    per settings), else a new one is built. Returns what happened to this row: SKIPPED when
+    another delivery has it, or when another worker holds the account's connection (that
+    worker's stream takes the row). ``priorities``: the stream sends mail of these only (a
+    worker that serves the transactional queue alone never sends bulk mail); None: all,
+    transactional first.
     """
-    # Each claim has its own token: worker processes forked from one parent share its pid, so
-    # the worker's name alone cannot tell "still my claim" from a sibling's newer one.
-    claim = f"{worker}:{uuid.uuid4().hex[:12]}"
+    claim = claim_token(worker)
     row = outbox.claim(outbound_id, claim)
     if row is None:
         return Outcome.SKIPPED
@@ -401,10 +742,149 @@ def deliver_outbound(
     except Exception as exc:  # a bad setting, or a transport_class that cannot be built
         # Not a delivery attempt: the row waits, on the backoff, for the setting to be fixed.
         return record.defer(Reason.CONFIG, str(exc), config_retry_at(record, None), exc)
+    if not stream:
+        from .backends import CeleryGmailBackend
+
+        return Pipeline(settings, transport=transport, sender=CeleryGmailBackend).deliver(record)
+    address = row.account_email
+    slot = slots.acquire(address, options=settings)
+    first: list[outbox.OutboxRecord] = [record]
+    if slot is None:
+        # Another worker holds the account's connection: its stream takes the row. Asking
+        # again after handing the row back closes the gap where that worker had just looked
+        # for due rows and was about to let go.
+        outbox.release_claims([record])
+        slot = slots.acquire(address, options=settings)
+        if slot is None:
+            return Outcome.SKIPPED
+        again = outbox.claim(outbound_id, claim)
+        first = [outbox.OutboxRecord(again, claim)] if again is not None else []
+    outcomes: dict[int, Outcome] = {}
+    fixed = transport if transports is None else None
+    factory = transports or (lambda _settings: transport)
+    while True:
+        try:
+            slot.priorities = priorities
+            outcomes.update(
+                stream_account(
+                    slot,
+                    address,
+                    row.mailer,
+                    first,
+                    worker=worker,
+                    transport=fixed,
+                    transports=factory,
+                )
+            )
+        finally:
+            if keep_warm is not None:
+                keep_warm(slot)
+            else:
+                slots.release(slot)
+        if keep_warm is not None or not outbox.has_due(address, slot.priorities):
+            break
+        # Mail came while the slot was being given back (its task found it held): send it.
+        slot = slots.acquire(address, options=settings)
+        if slot is None:
+            break
+        first = []
+    return outcomes.get(outbound_id, Outcome.SKIPPED)
+
+
+def stream_account(
+    slot: slots.Slot,
+    address: str,
+    mailer: str,
+    first: list[outbox.OutboxRecord],
+    *,
+    worker: str,
+    transport: Transport | None = None,
+    transports: TransportFactory | None = None,
+) -> dict[int, Outcome]:
+    """Holding ``slot``, send the due mail of ``address`` until none is left: claim up to
+    ``STREAM_BATCH`` rows of one mailer at a time (``first`` already claimed), stream them
+    (:meth:`Pipeline.deliver_batch`), and go on with the next rows, then with the due rows of
+    the address's other mailers. Stops early when the connection cannot be opened or the
+    slot was lost. Returns each row's outcome by id."""
     from .backends import CeleryGmailBackend
 
-    pipeline = Pipeline(settings, transport=transport, sender=CeleryGmailBackend)
-    return pipeline.deliver(record)
+    size = int(get_setting("STREAM_BATCH"))
+    outcomes: dict[int, Outcome] = {}
+    done: set[str] = set()
+    previous: Transport | None = None
+    while True:
+        if first:
+            current = mailer
+        else:
+            waiting = [m for m in outbox.due_mailers(address, slot.priorities) if m not in done]
+            if not waiting:
+                return outcomes
+            current = waiting[0]
+        done.add(current)
+        try:
+            settings = for_mailer(current)
+            pipeline_transport = transport or (transports or make_transport)(settings)
+        except Exception as exc:  # a broken mailer: its rows wait on the backoff
+            _defer_broken_mailer(address, current, first, exc, worker=worker)
+            first = []
+            continue
+        if previous is not None and previous is not pipeline_transport:
+            _close_address(previous, address)  # one connection per slot
+        previous = pipeline_transport
+        pipeline = Pipeline(settings, transport=pipeline_transport, sender=CeleryGmailBackend)
+        records, first = first, []
+        while True:
+            token = claim_token(worker)
+            more = outbox.claim_batch(
+                address,
+                current,
+                token,
+                limit=size - len(records),
+                exclude=[r.row.pk for r in records],
+                priorities=slot.priorities,
+            )
+            records += [outbox.OutboxRecord(row, token) for row in more]
+            if not records:
+                break
+            result = pipeline.deliver_batch(records)
+            outcomes.update(result.outcomes)
+            records = []
+            if result.stop:
+                return outcomes
+            if not slots.renew(slot):
+                logger.warning("Lost the connection slot of %s; stopping its stream", address)
+                return outcomes
+
+
+def _defer_broken_mailer(
+    address: str,
+    mailer: str,
+    first: list[outbox.OutboxRecord],
+    error: Exception,
+    *,
+    worker: str,
+) -> None:
+    """The due rows of a mailer whose settings or transport cannot be built wait, on the
+    backoff, for the setting to be fixed (not a delivery attempt), as a single row's task
+    would have them wait."""
+    records = list(first)
+    while True:
+        token = claim_token(worker)
+        records += [
+            outbox.OutboxRecord(row, token)
+            for row in outbox.claim_batch(address, mailer, token, limit=100)
+        ]
+        if not records:
+            return
+        for record in records:
+            record.defer(Reason.CONFIG, str(error), config_retry_at(record, None), error)
+        records = []
+
+
+def _close_address(transport: Transport, address: str) -> None:
+    close = getattr(transport, "close_address", None)
+    if close is not None:
+        close(address)
 
 
 __all__ = [
@@ -414,3 +894,9 @@ __all__ = [
     "refuse_oversized",
     "retry_delay",
 ]
+
+
+def _refusal(reservation: quota.Reservation | Exception) -> Exception:
+    """A ledger refusal from :func:`quota.reserve_many` (never a reservation here)."""
+    assert isinstance(reservation, Exception)
+    return reservation

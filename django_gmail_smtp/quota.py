@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
@@ -314,6 +314,90 @@ def reserve(
             # Never past the database's clock, even when a test clock runs ahead of it.
             _roll_up(quota_id, min(at, database_time) - KEEP, db)
     return Reservation(quota_id, address, minute, 1, recipients, db)
+
+
+def reserve_many(
+    account: GmailAccount,
+    messages: Sequence[tuple[int, str]],
+    *,
+    options: SettingsLike = None,
+) -> list[Reservation | QuotaExceeded | TooManyRecipients]:
+    """Check and reserve several messages of ``account`` in one ledger transaction.
+
+    ``messages``: each one's recipient count and priority, in sending order. Returns, for each,
+    its :class:`Reservation` or the error :func:`reserve` would have raised for it (checked in
+    order against what the ones before it reserved), so a stream of N messages costs one
+    transaction, not N.
+    """
+    settings = as_settings(options)
+    limits = account.limits()
+    address = _address(account)
+    db = settings.quota_database
+    results: list[Reservation | QuotaExceeded | TooManyRecipients] = []
+    with transaction.atomic(using=db):
+        quota_id, exhausted_until, reason, database_time = _lock(address, db)
+        at = _at(database_time)
+        blocked = exhausted_until is not None and exhausted_until > at
+        used = _used(quota_id, at, db) if not blocked else (0, 0)
+        minute = _minute(at)
+        added_m = added_r = 0
+        for recipients, priority in messages:
+            if priority not in PRIORITIES:
+                raise ValueError(f"priority must be one of {PRIORITIES}, not {priority!r}")
+            if recipients > limits.per_message:
+                results.append(
+                    TooManyRecipients(
+                        f"The message has {recipients} recipients; {address} may send at most "
+                        f"{limits.per_message} per message, so it was not sent",
+                        account=address,
+                        phase="quota",
+                    )
+                )
+                continue
+            if blocked:
+                results.append(
+                    QuotaExceeded(
+                        f"{address} is blocked by Gmail's sending limit until "
+                        f"{_fmt(exhausted_until)} ({reason or 'Gmail answered 550 5.4.5'})",
+                        limit="gmail",
+                        next_slot_at=exhausted_until,
+                        account=address,
+                        phase="quota",
+                    )
+                )
+                continue
+            caps = _caps(limits, priority, settings.reserved_share)
+            now_used = (used[0] + added_m, used[1] + added_r)
+            over = _over(now_used, (1, recipients), caps)
+            if over:
+                slot = _next_slot(
+                    quota_id, at, db=db, used=now_used, need=(1, recipients), caps=caps
+                )
+                results.append(
+                    QuotaExceeded(
+                        _over_text(address, over, now_used, caps, priority, slot),
+                        limit=over,
+                        next_slot_at=slot,
+                        account=address,
+                        phase="quota",
+                    )
+                )
+                continue
+            added_m += 1
+            added_r += recipients
+            results.append(Reservation(quota_id, address, minute, 1, recipients, db))
+        if added_m:
+            updated = (
+                QuotaBucket.objects.using(db)
+                .filter(quota_id=quota_id, minute=minute)
+                .update(messages=F("messages") + added_m, recipients=F("recipients") + added_r)
+            )
+            if not updated:
+                QuotaBucket.objects.using(db).create(
+                    quota_id=quota_id, minute=minute, messages=added_m, recipients=added_r
+                )
+                _roll_up(quota_id, min(at, database_time) - KEEP, db)
+    return results
 
 
 def _roll_up(quota_id: int, before: datetime, db: str) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import email.policy
+import functools
 import inspect
+import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email.errors import HeaderParseError
@@ -19,9 +22,12 @@ from email.utils import parseaddr
 from typing import Any
 
 from django.core.mail import EmailMessage
+from django.db import connections
+from django.db import router as db_router
+from django.db.models.signals import post_delete, post_save
 from django.views.decorators.debug import sensitive_variables
 
-from .conf import SettingsLike, as_settings
+from .conf import SettingsLike, as_settings, setting_changed
 from .credentials import default_account, settings_account
 from .exceptions import (
     HeaderInjection,
@@ -67,6 +73,74 @@ def _has_header(message: EmailMessage, name: str) -> bool:
     return any(k.lower() == name.lower() for k in (message.extra_headers or {}))
 
 
+# --- the per-process account list of the outbox's routers -----------------------------------------
+
+#: seconds a process reuses the account list it routes queued mail with. Changes made in this
+#: process (saving or deleting an account, pausing one, a setting) take effect at once; changes
+#: made in another process within this many seconds, since no query asks whether there are any
+#: (that query would cost what the cache saves). A queued row is checked again by the worker
+#: (paused, unhealthy, deleted and re-added accounts). The one exception: for that long after
+#: another process deletes an account, mail routed to it here fails to commit (IntegrityError).
+ACCOUNTS_TTL = 2.0
+#: fields routing reads; secrets are neither loaded nor kept in the process's memory
+ROUTING_FIELDS = ("id", "email", "send_as_aliases", "is_active", "is_default")
+#: (database alias, include_paused) -> (monotonic time loaded, accounts)
+_accounts: dict[tuple[str, bool], tuple[float, list[GmailAccount]]] = {}
+#: id() of a (thread's) connection -> id() of its outermost atomic block that wrote an account
+_dirty: dict[int, int] = {}
+
+
+def forget_accounts(**kwargs: Any) -> None:
+    """Drop the process's cached account lists (connected to GmailAccount's post_save and
+    post_delete and to ``setting_changed``; call it after changing accounts with ``update()``).
+
+    A write inside a transaction also stops the cache from being filled on that connection
+    until the transaction ends: a list read then could hold rows a rollback removes."""
+    _accounts.clear()
+    alias = kwargs.get("using")
+    if alias is not None and connections[alias].in_atomic_block:
+        connection = connections[alias]  # this thread's
+        _dirty[id(connection)] = id(connection.atomic_blocks[0])
+
+
+def _cacheable(alias: str) -> bool:
+    """Whether this thread may fill the cache: not inside a transaction that wrote accounts."""
+    connection = connections[alias]
+    dirty = _dirty.get(id(connection))
+    if dirty is None:
+        return True
+    if connection.in_atomic_block and id(connection.atomic_blocks[0]) == dirty:
+        return False
+    _dirty.pop(id(connection), None)  # that transaction has ended (committed or rolled back)
+    return True
+
+
+def routing_accounts(*, include_paused: bool) -> list[GmailAccount]:
+    """The eligible accounts (see ``GmailAccount.objects.eligible``), or the EMAIL_HOST_USER
+    account when there are none, with only the fields routing reads; cached per process for
+    :data:`ACCOUNTS_TTL` seconds. The list is shared: do not change its accounts."""
+    alias = db_router.db_for_read(GmailAccount)
+    key = (alias, include_paused)
+    now = time.monotonic()
+    cached = _accounts.get(key)
+    if cached is not None and now - cached[0] < ACCOUNTS_TTL and _cacheable(alias):
+        return cached[1]
+    eligible = GmailAccount.objects.using(alias).eligible(include_paused=include_paused)
+    accounts = list(eligible.only(*ROUTING_FIELDS))
+    if not accounts:
+        fallback = settings_account()
+        if fallback is not None:
+            accounts = [fallback]
+    if _cacheable(alias):
+        _accounts[key] = (now, accounts)
+    return accounts
+
+
+post_save.connect(forget_accounts, sender=GmailAccount, dispatch_uid="gmail_smtp.routing.save")
+post_delete.connect(forget_accounts, sender=GmailAccount, dispatch_uid="gmail_smtp.routing.del")
+setting_changed.connect(forget_accounts, dispatch_uid="gmail_smtp.routing.settings")
+
+
 class Router:
     """Choose accounts by From address. Build one per batch; it caches the account list.
 
@@ -75,7 +149,9 @@ class Router:
     everything from that address; its ``username``/``password`` log in as that address (see
     :func:`explicit_account`). ``include_paused``: paused (inactive) accounts may be chosen
     too, after active ones; the outbox uses this so mail for a paused account waits for it
-    instead of being refused.
+    instead of being refused. ``cached``: use the process's account list
+    (:func:`routing_accounts`, for queueing: the accounts are only routed to, never logged in
+    with) rather than reading it for this router.
     """
 
     def __init__(
@@ -84,6 +160,7 @@ class Router:
         account: str | None = None,
         options: SettingsLike = None,
         include_paused: bool = False,
+        cached: bool = False,
     ):
         settings = as_settings(options)
         account = account or settings.account
@@ -91,6 +168,7 @@ class Router:
         self.strict = settings.strict_from
         self.max_recipients = settings.max_recipients_per_message
         self.include_paused = include_paused
+        self.cached = cached
         self._accounts: list[GmailAccount] | None = None
         if settings.login is not None:
             login = explicit_account(*settings.login)
@@ -98,6 +176,8 @@ class Router:
             self.forced = login.email
 
     def accounts(self) -> list[GmailAccount]:
+        if self._accounts is None and self.cached:
+            self._accounts = routing_accounts(include_paused=self.include_paused)
         if self._accounts is None:
             eligible = GmailAccount.objects.eligible(include_paused=self.include_paused)
             self._accounts = list(eligible)
@@ -299,6 +379,23 @@ _MESSAGE_TAKES_POLICY = "policy" in inspect.signature(EmailMessage.message).para
 def envelope_address(address: str) -> str:
     """The addr-spec of ``address`` for MAIL FROM / RCPT TO (IDNA domain; ValueError if bad)."""
     address = str(address)
+    if _PLAIN_ADDRESS.fullmatch(address):
+        # user@example.com, the common case: what the parser below would return, at a
+        # fraction of its cost (it dominates queueing many messages to distinct recipients).
+        return address
+    return _envelope_address(address)
+
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: a bare dot-atom address with an ASCII host name: nothing to parse, quote or encode
+_PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+")
+
+
+# The stdlib's address parser is slow and the same From (and often the same recipients) comes
+# back with every message: remember the last few thousand answers (a ValueError is not kept).
+@functools.lru_cache(maxsize=4096)
+def _envelope_address(address: str) -> str:
     if any(c in address for c in "\r\n\x00"):
         raise ValueError(f"{address!r} contains a line break or a NUL character")
     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.db import router as db_router
 from django.db.models import QuerySet
 from django.utils.crypto import constant_time_compare
 
@@ -22,6 +23,7 @@ from .conf import format_time
 from .enums import Health
 from .exceptions import GmailSMTPError
 from .models import GmailAccount, normalize_address
+from .routing import forget_accounts
 
 if TYPE_CHECKING:
     from .credentials import Authorization
@@ -246,6 +248,7 @@ def pause(account: GmailAccount) -> Result:
     changed = bool(
         GmailAccount.objects.filter(pk=account.pk, is_active=True).update(is_active=False)
     )
+    forget_accounts(using=db_router.db_for_write(GmailAccount))  # update() sends no signal
     account.is_active = False
     return Result(
         True,
@@ -260,6 +263,7 @@ def resume(account: GmailAccount) -> Result:
     changed = bool(
         GmailAccount.objects.filter(pk=account.pk, is_active=False).update(is_active=True)
     )
+    forget_accounts(using=db_router.db_for_write(GmailAccount))  # update() sends no signal
     account.is_active = True
     released = account.release_deferred()
     text = f"Resumed sending from {account.email}."

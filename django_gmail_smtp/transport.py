@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 import re
 import smtplib
+import socket
 import ssl
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Generator, Iterable, Iterator
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from itertools import chain
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from django.core.mail.utils import DNS_NAME
 from django.views.decorators.debug import sensitive_variables
@@ -55,6 +57,12 @@ class SendResult:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
+#: what :meth:`GmailConnection.stream` yields for each envelope it sent (or tried to): Gmail's
+#: acceptance, or the classified error of that message alone
+StreamItem = tuple[Envelope, "SendResult | GmailSMTPError"]
+_Item = TypeVar("_Item")
+
+
 @runtime_checkable
 class Transport(Protocol):
     """What connects to Gmail and sends, for one mailer's settings.
@@ -75,6 +83,44 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Close every open session; never raises."""
+
+
+@runtime_checkable
+class StreamingTransport(Transport, Protocol):
+    """A transport that can also send many envelopes of one account in one stream
+    (:meth:`ConnectionPool.stream`); the pipeline falls back to :meth:`Transport.send` per
+    message for a transport without it."""
+
+    def stream(
+        self, account: GmailAccount, envelopes: Iterable[Envelope]
+    ) -> Generator[StreamItem, None, None]:
+        """Send ``envelopes`` (all from ``account``) one after another, yielding each one's
+        outcome in order; envelopes never yielded were not sent (the stream stopped early)."""
+
+
+def _nodelay(sock: socket.socket) -> None:
+    # Nagle would hold a small write (the EHLO after the TLS handshake, a pipelined envelope)
+    # until the previous one is acknowledged: a round trip for nothing.
+    with suppress(OSError, AttributeError):  # not TCP: nothing to do
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib's client with TCP_NODELAY set on its socket."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        _nodelay(sock)
+        return sock
+
+
+class _SMTP_SSL(smtplib.SMTP_SSL):
+    """smtplib's implicit-TLS client with TCP_NODELAY set before the TLS handshake."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = smtplib.SMTP._get_socket(self, host, port, timeout)  # type: ignore[attr-defined]
+        _nodelay(sock)
+        return self.context.wrap_socket(sock, server_hostname=self._host)  # type: ignore[attr-defined]
 
 
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
@@ -139,7 +185,7 @@ class GmailConnection:
         credentials = self._credentials_for()
         with self._guard("connect"):
             if self.security == "ssl":
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                smtp: smtplib.SMTP = _SMTP_SSL(
                     self.host,
                     self.port,
                     local_hostname=self.local_hostname,
@@ -147,7 +193,7 @@ class GmailConnection:
                     context=context,
                 )
             else:
-                smtp = smtplib.SMTP(
+                smtp = _SMTP(
                     self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
                 )
         self._smtp = smtp
@@ -292,6 +338,30 @@ class GmailConnection:
             self.open()
         smtp = self._smtp
         assert smtp is not None
+        options = self._options(envelope)
+        if smtp.has_extn("pipelining"):
+            _code, reply, refused = self._send_pipelined(envelope, options)
+        else:
+            _code, reply, refused = self._send_stepwise(envelope, options)
+        result = SendResult(
+            reply=reply.decode("utf-8", "replace"),
+            message_id=envelope.message_id,
+            refused=refused,
+        )
+        if refused:
+            logger.warning(
+                "Gmail refused %d of %d recipients of %s",
+                len(refused),
+                len(envelope.recipients),
+                envelope.message_id or "a message",
+            )
+        return result
+
+    def _options(self, envelope: Envelope) -> list[str]:
+        """MAIL FROM's parameters for ``envelope``; raise (before anything is written) for a
+        message too large for the server or addresses it cannot carry."""
+        smtp = self._smtp
+        assert smtp is not None
         account = self.account.email
         size_limit = int(smtp.esmtp_features.get("size") or 0)
         if size_limit and len(envelope.data) > size_limit:
@@ -314,16 +384,180 @@ class GmailConnection:
                     phase="mail",
                 )
             options.append("SMTPUTF8")
+        return options
 
-        if smtp.has_extn("pipelining"):
-            _code, reply, refused = self._send_pipelined(envelope, options)
-        else:
-            _code, reply, refused = self._send_stepwise(envelope, options)
-        result = SendResult(
-            reply=reply.decode("utf-8", "replace"),
-            message_id=envelope.message_id,
-            refused=refused,
-        )
+    @staticmethod
+    def _envelope_commands(envelope: Envelope, options: list[str]) -> bytes:
+        """MAIL, every RCPT and DATA, as one pipelined write (RFC 2920)."""
+        option_text = (" " + " ".join(options)) if options else ""
+        lines = [f"MAIL FROM:{smtplib.quoteaddr(envelope.mail_from)}{option_text}"]
+        lines += [f"RCPT TO:{smtplib.quoteaddr(r)}" for r in envelope.recipients]
+        lines.append("DATA")
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        return "".join(line + "\r\n" for line in lines).encode(encoding)
+
+    @staticmethod
+    def _body(envelope: Envelope) -> bytes:
+        """The DATA payload, dot-stuffed, with its final "."."""
+        body = re.sub(rb"(?m)^\.", b"..", envelope.data)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        return body + b".\r\n"
+
+    def _envelope_replies(self, envelope: Envelope) -> tuple[GmailSMTPError | None, dict]:
+        """Read the replies to a pipelined MAIL/RCPT/DATA; return the error that refuses the
+        message (None when DATA's 354 came) and the recipients refused while others passed."""
+        smtp = self._smtp
+        assert smtp is not None
+        account = self.account.email
+        replies: list[tuple[int, bytes]] = []
+        phases = ["mail"] + ["rcpt"] * len(envelope.recipients) + ["data"]
+        for phase in phases:
+            with self._guard(phase):
+                try:
+                    replies.append(smtp.getreply())
+                except smtplib.SMTPServerDisconnected:
+                    if not any(code == 421 for code, _ in replies):
+                        raise
+                    break  # Gmail closes the connection after a 421: classified below
+        (mail_code, mail_reply), rcpt_replies = replies[0], replies[1:-1]
+        data_code, data_reply = replies[-1] if len(replies) == len(phases) else (421, b"")
+        if mail_code != 250:
+            if mail_code == 421:
+                self._abort()
+            return classify_reply(mail_code, mail_reply, phase="mail", account=account), {}
+        refused = {
+            recipient: (code, reply.decode("utf-8", "replace"))
+            for recipient, (code, reply) in zip(envelope.recipients, rcpt_replies, strict=False)
+            if code not in (250, 251)
+        }
+        if len(rcpt_replies) < len(envelope.recipients) or len(refused) == len(envelope.recipients):
+            if len(replies) < len(phases) or any(code == 421 for code, _ in replies):
+                self._abort()
+            return self._all_refused(refused or {"": (data_code, data_reply.decode())}), refused
+        if data_code != 354:
+            if data_code == 421:
+                self._abort()
+            return classify_reply(data_code, data_reply, phase="data", account=account), refused
+        return None, refused
+
+    def stream(self, envelopes: Iterable[Envelope]) -> Generator[StreamItem, None, None]:
+        """Send ``envelopes`` over this session one after another, yielding each one's outcome
+        (its :class:`SendResult`, or the classified error of that message alone) in order.
+
+        With PIPELINING (RFC 2920) each message costs one round trip: its body and final "."
+        go in the same write as the next message's MAIL, RCPT and DATA, and the replies to
+        both come back together. An envelope is taken from ``envelopes`` only once the previous
+        one's DATA was answered 354, so the caller may produce them lazily.
+
+        A refusal (at MAIL, at RCPT for every recipient, at DATA, or after the final ".")
+        concerns that message alone and the stream goes on. A dropped connection or a 421 ends
+        the stream: the message whose body was written but not answered is yielded with
+        ``maybe_delivered = True``; the one whose envelope only was written, and those never
+        taken, are not yielded (nothing of them was delivered). Raises only when the session
+        cannot be opened.
+        """
+        if self._smtp is None:
+            self.open()
+        smtp = self._smtp
+        assert smtp is not None
+        if not smtp.has_extn("pipelining"):
+            for envelope in envelopes:
+                try:
+                    yield envelope, self.send(envelope)
+                except GmailSMTPError as exc:
+                    yield envelope, exc
+                    if self._smtp is None:
+                        return  # the connection is gone: the rest are untouched
+            return
+        source = iter(envelopes)
+        current = next(source, None)
+        previous: Envelope | None = None  # its 354 came: its body goes with the next write
+        previous_refused: dict[str, tuple[int, str]] = {}
+        rset = False
+        completed = False
+        try:
+            while current is not None or previous is not None:
+                write = self._body(previous) if previous is not None else b""
+                error: GmailSMTPError | None = None
+                if current is not None:
+                    try:
+                        options = self._options(current)
+                    except GmailSMTPError as exc:
+                        error = exc  # refused before anything of it is written
+                    else:
+                        write += (b"RSET\r\n" if rset else b"") + self._envelope_commands(
+                            current, options
+                        )
+                try:
+                    with self._guard("after_data" if previous is not None else "mail"):
+                        smtp.send(write)
+                except GmailSMTPError as exc:
+                    if previous is not None:
+                        exc.maybe_delivered = True  # the final "." may have gone out
+                        yield previous, exc
+                    elif current is not None:
+                        yield current, exc  # nothing of it reached Gmail: a plain retry
+                    return
+                if previous is not None:
+                    try:
+                        with self._guard("after_data"):
+                            code, reply = smtp.getreply()
+                    except GmailSMTPError as exc:
+                        # No reply to the final ".": Gmail may have kept it.
+                        exc.maybe_delivered = True
+                        yield previous, exc
+                        return
+                    if code == 250:
+                        yield previous, self._result(previous, reply, previous_refused)
+                    else:  # a definite refusal: Gmail did not keep the message
+                        if code == 421:
+                            self._abort()
+                        yield (
+                            previous,
+                            classify_reply(
+                                code, reply, phase="after_data", account=self.account.email
+                            ),
+                        )
+                        if self._smtp is None:
+                            return
+                    previous, previous_refused = None, {}
+                if current is None:
+                    break
+                if error is not None:
+                    yield current, error
+                    current = next(source, None)
+                    continue
+                try:
+                    if rset:
+                        with self._guard("mail"):
+                            smtp.getreply()  # RSET's 250
+                    error, refused = self._envelope_replies(current)
+                except GmailSMTPError as exc:
+                    yield current, exc  # dropped before its body: nothing of it was delivered
+                    return
+                if error is not None:
+                    rset = True  # the server may still hold part of the transaction
+                    yield current, error
+                    if self._smtp is None:
+                        return
+                else:
+                    rset = False
+                    previous, previous_refused = current, refused
+                current = next(source, None)
+            if rset:
+                with self._guard("mail"):
+                    smtp.rset()  # leave the session clean for the next send
+            completed = True
+        finally:
+            if not completed and self._smtp is not None:
+                # Stopped mid-transaction (the caller gave up on the stream): the session's
+                # state is unknown, so it is not reused.
+                self._abort()
+
+    def _result(
+        self, envelope: Envelope, reply: bytes, refused: dict[str, tuple[int, str]]
+    ) -> SendResult:
         if refused:
             logger.warning(
                 "Gmail refused %d of %d recipients of %s",
@@ -331,7 +565,11 @@ class GmailConnection:
                 len(envelope.recipients),
                 envelope.message_id or "a message",
             )
-        return result
+        return SendResult(
+            reply=reply.decode("utf-8", "replace"),
+            message_id=envelope.message_id,
+            refused=refused,
+        )
 
     def _send_pipelined(
         self, envelope: Envelope, options: list[str]
@@ -643,11 +881,63 @@ class ConnectionPool:
         finally:
             self._last_used[key] = time.monotonic()
 
+    def stream(
+        self, account: GmailAccount, envelopes: Iterable[Envelope]
+    ) -> Generator[StreamItem, None, None]:
+        """Stream ``envelopes`` (all from ``account``) over its pooled connection (see
+        :meth:`GmailConnection.stream`). A reused connection that Gmail closed meanwhile (the
+        first message dropped or answered 421 before DATA: nothing was sent) is replaced by a
+        fresh one, once. Raises only when no connection can be opened."""
+        key = account_key(account)
+        reused = key in self._connections and self._connections[key].is_open
+        connection = self.connection(account)
+        source = iter(envelopes)
+        try:
+            first = True
+            inner = connection.stream(source)
+            for envelope, outcome in closing_iterator(inner):
+                stale = isinstance(outcome, ConnectionFailed) or (
+                    isinstance(outcome, TemporaryError) and outcome.smtp_code == 421
+                )
+                if (
+                    first
+                    and reused
+                    and stale
+                    and isinstance(outcome, GmailSMTPError)
+                    and outcome.phase in ("mail", "rcpt")
+                ):
+                    inner.close()
+                    connection.close()
+                    connection = self.connection(account)
+                    with closing(connection.stream(chain([envelope], source))) as again:
+                        yield from again
+                    return
+                first = False
+                self._last_used[key] = time.monotonic()
+                yield envelope, outcome
+        finally:
+            self._last_used[key] = time.monotonic()
+
+    def close_address(self, address: str) -> None:
+        """QUIT the connection of the account ``address`` (if open); never raises."""
+        address = address.strip().lower()
+        for key, connection in list(self._connections.items()):
+            if connection.account.email.strip().lower() == address:
+                del self._connections[key]
+                connection.close()
+
     def close(self) -> None:
         """QUIT every connection; never raises."""
         connections, self._connections = self._connections, {}
         for connection in connections.values():
             connection.close()
+
+
+def closing_iterator(generator: Generator[_Item, None, None]) -> Iterator[_Item]:
+    """Iterate ``generator`` and close it when the iteration stops early (so a stream the
+    caller gave up on cleans up its session at once, not when garbage collected)."""
+    with closing(generator):
+        yield from generator
 
 
 def _login_name(address: str) -> str:
@@ -686,6 +976,8 @@ __all__ = [
     "ConnectionPool",
     "GmailConnection",
     "SendResult",
+    "StreamItem",
+    "StreamingTransport",
     "Transport",
     "make_transport",
     "ssl_context",

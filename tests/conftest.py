@@ -137,6 +137,10 @@ def dispatched(monkeypatch):
         "dispatch",
         lambda pk, priority, countdown=None: calls.append((pk, countdown)) or True,
     )
+    # Freshly queued rows are handed over in batches, on commit.
+    monkeypatch.setattr(
+        outbox, "publish", lambda batch: calls.extend((pk, None) for pk, *_ in batch) or len(batch)
+    )
     return calls
 
 

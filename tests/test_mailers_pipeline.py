@@ -264,7 +264,7 @@ def test_both_backends_and_the_task_go_through_one_pipeline(
     account, sandbox, monkeypatch, django_capture_on_commit_callbacks
 ):
     calls = []
-    route, attempt = Pipeline.route, Pipeline.attempt
+    route, attempt, attempt_many = Pipeline.route, Pipeline.attempt, Pipeline.attempt_many
 
     def spy_route(self, router, msg, default, *, action):
         calls.append(("route", action))
@@ -274,11 +274,16 @@ def test_both_backends_and_the_task_go_through_one_pipeline(
         calls.append(("attempt", self.settings.alias))
         return attempt(self, envelope, priority)
 
+    def spy_attempt_many(self, account, items, **kwargs):  # streamed (one message here)
+        calls.append(("attempt", self.settings.alias))
+        return attempt_many(self, account, items, **kwargs)
+
     def on_sent(sender, outbound, **kwargs):
         calls.append(("email_sent", sender.__name__, outbound is not None))
 
     monkeypatch.setattr(Pipeline, "route", spy_route)
     monkeypatch.setattr(Pipeline, "attempt", spy_attempt)
+    monkeypatch.setattr(Pipeline, "attempt_many", spy_attempt_many)
     signals.email_sent.connect(on_sent, weak=False)
     try:
         assert GmailSMTPBackend().send_messages([message("sync")]) == 1

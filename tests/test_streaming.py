@@ -1,0 +1,221 @@
+"""The worker's streamed send: one claim takes the due mail of one account and mailer, and
+each message's body goes out in the same write as the next message's envelope (RFC 2920).
+
+A failure in the middle of a stream concerns its own message alone: a 4xx or 5xx at MAIL, at
+RCPT or after DATA lands on the right row, a dropped connection leaves the message whose body
+was written as "maybe delivered" and the ones after it untouched, and nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+from django.core.mail import EmailMessage
+
+from django_gmail_smtp import outbox, slots
+from django_gmail_smtp.backends import CeleryGmailBackend
+from django_gmail_smtp.enums import Outcome, Reason, Status
+from django_gmail_smtp.models import OutboundEmail
+from django_gmail_smtp.testing.replies import Replies
+
+from .conftest import SENDER
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+OTHER = "other@example.com"
+
+
+def queue(n: int, *, to: tuple[str, ...] = ("t@x.example",)) -> list[OutboundEmail]:
+    messages = [EmailMessage(f"m{i}", "body", SENDER, list(to)) for i in range(n)]
+    CeleryGmailBackend().send_messages(messages)
+    return list(OutboundEmail.objects.order_by("pk"))
+
+
+def rows() -> dict[str, OutboundEmail]:
+    return {row.subject: row for row in OutboundEmail.objects.order_by("pk")}
+
+
+def delivered_subjects(sandbox) -> list[str]:
+    return [d.subject for d in sandbox.deliveries]
+
+
+def arm_after(sandbox, subject: str, **fault) -> None:
+    """Script ``fault`` to fire on the messages streamed after ``subject`` was accepted."""
+
+    def on_delivery(delivered):
+        if delivered.subject == subject:
+            sandbox.fault(**fault)
+
+    sandbox._state.on_delivery = on_delivery
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """Every write the client made to the server after the greeting."""
+    seen: list[bytes] = []
+    send = smtplib.SMTP.send
+
+    def spy(self, data):
+        seen.append(data if isinstance(data, bytes) else data.encode())
+        return send(self, data)
+
+    monkeypatch.setattr(smtplib.SMTP, "send", spy)
+    return seen
+
+
+def test_a_stream_writes_each_body_with_the_next_envelope(
+    account, sandbox, pool, dispatched, writes
+):
+    first, *others = queue(5)
+    before = sandbox.stats.logins
+    assert outbox.deliver(first.pk, pool=pool, stream=True) == Outcome.SENT
+    assert delivered_subjects(sandbox) == ["m0", "m1", "m2", "m3", "m4"]
+    assert {row.status for row in rows().values()} == {Status.SENT}
+    assert all(row.log.count() == 1 for row in rows().values())
+    assert sandbox.stats.logins - before <= 1
+    start = next(i for i, w in enumerate(writes) if w.startswith(b"MAIL FROM"))
+    stream = writes[start:]  # (the login's writes come first)
+    mail = [w for w in stream if b"MAIL FROM" in w]
+    # the first envelope alone, then each body with the next envelope, then the last body
+    assert len(mail) == 5 and len(stream) == 6
+    assert all(w.startswith(b"Content-Type") or b"\r\n.\r\nMAIL FROM" in w for w in mail[1:])
+    # their tasks find the rows sent
+    assert [outbox.deliver(row.pk, pool=pool, stream=True) for row in others] == [
+        Outcome.SKIPPED
+    ] * 4
+
+
+@pytest.mark.parametrize(
+    ("phase", "reply", "status"),
+    [
+        ("mail", "451 4.3.0 Mail server temporarily rejected message.", Status.QUEUED),
+        ("mail", "550 5.7.1 Blocked by policy.", Status.FAILED),
+        ("rcpt", Replies.RECEIVING_TOO_FAST, Status.QUEUED),
+        (
+            "rcpt",
+            "550 5.1.1 The email account that you tried to reach does not exist.",
+            Status.FAILED,
+        ),
+        ("data", "451 4.3.0 Try again.", Status.QUEUED),
+        ("after_data", "451 4.3.0 Try again.", Status.QUEUED),
+        ("after_data", Replies.BLOCKED, Status.FAILED),
+    ],
+)
+def test_a_refusal_in_the_middle_of_a_stream_lands_on_its_own_row(
+    account, sandbox, pool, dispatched, phase, reply, status
+):
+    first = queue(5)[0]
+    dispatched.clear()  # (the queueing's own hand-over)
+    arm_after(sandbox, "m1", phase=phase, reply=reply, times=1)
+    outbox.deliver(first.pk, pool=pool, stream=True)
+    by_subject = rows()
+    assert by_subject["m2"].status == status, by_subject["m2"].last_error
+    assert by_subject["m2"].last_code == int(reply[:3])
+    if status == Status.QUEUED:
+        assert by_subject["m2"].attempts == 1 and by_subject["m2"].reason == Reason.RETRY
+        assert [pk for pk, _countdown in dispatched] == [by_subject["m2"].pk]
+    for subject in ("m0", "m1", "m3", "m4"):
+        assert by_subject[subject].status == Status.SENT, by_subject[subject].last_error
+    # each accepted message exactly once, the refused one not at all
+    assert delivered_subjects(sandbox) == ["m0", "m1", "m3", "m4"]
+
+
+def test_a_recipient_refused_mid_stream_is_recorded_on_its_message(
+    account, sandbox, pool, dispatched
+):
+    messages = [EmailMessage(f"m{i}", "b", SENDER, ["a@x.example"]) for i in range(3)]
+    messages[1].to = ["a@x.example", "bad@x.example"]
+    CeleryGmailBackend().send_messages(messages)
+    sandbox.bad_recipients = {"bad@x.example"}
+    outbox.deliver(OutboundEmail.objects.order_by("pk")[0].pk, pool=pool, stream=True)
+    by_subject = rows()
+    assert {r.status for r in by_subject.values()} == {Status.SENT}
+    assert list(by_subject["m1"].refused_recipients) == ["bad@x.example"]
+    assert by_subject["m0"].refused_recipients == by_subject["m2"].refused_recipients == {}
+
+
+def test_a_drop_mid_stream_keeps_the_unanswered_message_and_sends_the_rest_once(
+    account, sandbox, pool, dispatched
+):
+    first = queue(5)[0]
+    arm_after(sandbox, "m1", phase="after_data", drop=True, times=1)
+    outbox.deliver(first.pk, pool=pool, stream=True)
+    by_subject = rows()
+    # its body was written, its reply never came: Gmail may have it, so it is retried
+    assert by_subject["m2"].status == Status.QUEUED
+    assert by_subject["m2"].attempts == 1
+    assert "Gmail may have kept it" in by_subject["m2"].last_error
+    # the one whose envelope only was written, and the rest: untouched, then sent once
+    for subject in ("m0", "m1", "m3", "m4"):
+        assert by_subject[subject].status == Status.SENT
+        assert by_subject[subject].attempts == 0
+        assert by_subject[subject].log.count() == 1
+    assert delivered_subjects(sandbox) == ["m0", "m1", "m3", "m4"]
+    # the unanswered one stays counted against the quota
+    assert account.quota_status().messages_used == 5
+
+
+def test_the_batch_claim_takes_only_due_rows_of_its_account_and_mailer(
+    account, sandbox, make_account, pool, dispatched
+):
+    make_account(sandbox, OTHER)
+    mine = queue(3)
+    CeleryGmailBackend().send_messages([EmailMessage("theirs", "b", OTHER, ["t@x.example"])])
+    theirs = OutboundEmail.objects.get(subject="theirs")
+    other_mailer = mine[1]
+    OutboundEmail.objects.filter(pk=other_mailer.pk).update(mailer="contact")
+    taken = outbox.claim_batch(SENDER, "", "w:1", limit=10)
+    assert [row.pk for row in taken] == [mine[0].pk, mine[2].pk]
+    assert {row.claimed_by for row in taken} == {"w:1"}
+    assert all(row.lease_expires_at is not None for row in taken)
+    assert OutboundEmail.objects.get(pk=theirs.pk).status == Status.QUEUED
+    assert OutboundEmail.objects.get(pk=other_mailer.pk).status == Status.QUEUED
+    # nothing left to take: the claimed rows are not due any more
+    assert outbox.claim_batch(SENDER, "", "w:2", limit=10) == []
+
+
+def test_quota_running_out_mid_batch_defers_the_rest_until_the_next_slot(
+    sandbox, make_account, pool, dispatched
+):
+    make_account(sandbox, daily_limit=3)
+    first = queue(5)[0]
+    outbox.deliver(first.pk, pool=pool, stream=True)
+    by_subject = rows()
+    assert [by_subject[f"m{i}"].status for i in range(5)] == [Status.SENT] * 3 + [
+        Status.DEFERRED
+    ] * 2
+    late = by_subject["m4"]
+    assert late.reason == Reason.QUOTA and late.next_attempt_at is not None
+    assert delivered_subjects(sandbox) == ["m0", "m1", "m2"]
+
+
+def test_gmail_daily_limit_mid_stream_defers_that_message_and_the_rest(
+    account, sandbox, pool, dispatched
+):
+    sandbox.set_quota(SENDER, messages=2)
+    first = queue(4)[0]
+    outbox.deliver(first.pk, pool=pool, stream=True)
+    by_subject = rows()
+    assert [by_subject[f"m{i}"].status for i in range(4)] == [Status.SENT] * 2 + [
+        Status.DEFERRED
+    ] * 2
+    assert by_subject["m2"].reason == Reason.QUOTA
+    assert account.quota_status().exhausted_until is not None
+    assert delivered_subjects(sandbox) == ["m0", "m1"]
+
+
+def test_a_row_whose_account_connection_another_worker_holds_is_left_to_it(
+    account, sandbox, pool, dispatched
+):
+    row = queue(1)[0]
+    holder = slots.acquire(SENDER, holder="another-worker")
+    assert holder is not None
+    assert outbox.deliver(row.pk, pool=pool, stream=True) == Outcome.SKIPPED
+    row.refresh_from_db()
+    assert row.status == Status.QUEUED and row.claimed_by == ""
+    assert sandbox.deliveries == []
+    slots.release(holder)
+    assert outbox.deliver(row.pk, pool=pool, stream=True) == Outcome.SENT
+    # a stream that is done gives the slot back (outside a worker nothing keeps it warm)
+    assert slots.held(SENDER) == 0
