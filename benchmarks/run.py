@@ -353,7 +353,10 @@ def raw_bodies(bench: Bench, n: int) -> list[tuple[str, bytes]]:
 
     bodies = []
     for message in bench.messages(n, "Raw"):
-        data = message.message(policy=email.policy.SMTP).as_bytes()
+        try:
+            data = message.message(policy=email.policy.SMTP).as_bytes()
+        except TypeError:  # Django < 6.1: message() takes no policy
+            data = message.message().as_bytes(linesep="\r\n")
         lines = [b"." + line if line.startswith(b".") else line for line in data.split(b"\r\n")]
         bodies.append((message.to[0], b"\r\n".join(lines).rstrip(b"\r\n") + b"\r\n.\r\n"))
     return bodies

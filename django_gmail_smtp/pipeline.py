@@ -22,6 +22,7 @@ The parts it calls each have one job: :mod:`~django_gmail_smtp.routing` (which a
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import uuid
@@ -47,7 +48,7 @@ from .exceptions import (
 )
 from .models import GmailAccount, OutboundEmail, normalize_address
 from .routing import Envelope, Router, account_key, explicit_account
-from .transport import SendResult, Transport, closing_iterator, make_transport
+from .transport import OnWait, SendResult, Transport, closing_iterator, make_transport
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class Pipeline:
         items: Sequence[tuple[Envelope, str]],
         *,
         stop_at_refusal: bool = False,
+        on_wait: OnWait | None = None,
     ) -> Generator[tuple[int, SendResult | Exception], None, None]:
         """Reserve quota for several messages of ``account`` (envelope, priority) in one
         ledger transaction and stream them over one connection; yield each one's index and
@@ -176,7 +178,28 @@ class Pipeline:
         sent; their quota is given back). As in :meth:`attempt`, a reservation is kept only
         when Gmail accepted the message or may have kept it. ``stop_at_refusal``: only the
         messages before the first one the ledger refuses are sent, then that refusal is
-        yielded (as sending one by one would stop there)."""
+        yielded (as sending one by one would stop there).
+
+        ``on_wait``: called while the stream waits for Gmail (after each write, before reading
+        the replies to it), so the caller can record the outcomes yielded so far off the
+        critical path; each outcome is followed by a call before the stream reads the reply to
+        the next message's body (with a transport whose ``stream`` has no ``on_wait``, or
+        that sends one message at a time: after each outcome, before the stream goes on).
+        What it raises ends the stream and is raised here."""
+        callback_errors: list[BaseException] = []
+        waiting: OnWait | None = None
+        if on_wait is not None:
+            caller_on_wait = on_wait
+
+            def call_on_wait() -> None:
+                try:
+                    caller_on_wait()
+                except BaseException as exc:  # the caller's error, not the connection's
+                    callback_errors.append(exc)
+                    raise
+
+            waiting = call_on_wait
+
         reservations = quota.reserve_many(
             account, [(len(e.recipients), p) for e, p in items], options=self.settings
         )
@@ -199,7 +222,8 @@ class Pipeline:
             if cut is None:
                 for index in refused:
                     yield index, _refusal(reservations[index])  # refused by the ledger
-            for envelope, outcome in self._stream(account, to_send) if to_send else ():
+            stream = self._stream(account, to_send, on_wait=waiting) if to_send else ()
+            for envelope, outcome in stream:
                 index = index_of[id(envelope)]
                 reservation = unused.pop(index)
                 if isinstance(outcome, SendResult):
@@ -209,6 +233,8 @@ class Pipeline:
             if cut is not None and not unused:
                 yield cut, _refusal(reservations[cut])
         except Exception as exc:  # the connection could not be opened (or a bug)
+            if any(exc is e for e in callback_errors):
+                raise
             if unused:
                 first = min(unused)
                 yield first, self._failed(items[first][0], unused.pop(first), exc)
@@ -217,13 +243,34 @@ class Pipeline:
                 reservation.release()
 
     def _stream(
-        self, account: GmailAccount, envelopes: list[Envelope]
+        self,
+        account: GmailAccount,
+        envelopes: list[Envelope],
+        *,
+        on_wait: OnWait | None = None,
     ) -> Iterator[tuple[Envelope, SendResult | GmailSMTPError]]:
         stream = getattr(self.transport, "stream", None)
         if stream is not None:
-            yield from stream(account, envelopes)
+            if on_wait is None:
+                yield from stream(account, envelopes)
+            elif _takes_on_wait(stream):
+                yield from stream(account, envelopes, on_wait=on_wait)
+            else:
+                # It cannot say when it waits: the caller's turn comes after each outcome,
+                # before the stream goes on to the next message's body.
+                items = stream(account, envelopes)
+                try:
+                    for item in items:
+                        yield item
+                        on_wait()
+                finally:
+                    close = getattr(items, "close", None)
+                    if close is not None:
+                        close()
             return
         for envelope in envelopes:  # a transport that sends one message at a time
+            if on_wait is not None:
+                on_wait()  # nothing to overlap: the caller records before the next send
             try:
                 yield envelope, self.transport.send(envelope)
             except GmailSMTPError as exc:
@@ -477,23 +524,36 @@ class Pipeline:
         sent_any = False
         seen: set[int] = set()
         last_error: Exception | None = None
+        # Accepted messages wait here until the stream waits for Gmail (``on_wait``): they are
+        # recorded (one transaction) while Gmail works on the next message, off the critical
+        # path, and always before the stream reads a later reply. A worker killed while it
+        # waits has recorded every message Gmail accepted, so only the one in flight may be
+        # sent again (killed during that recording itself: also the one being recorded).
+        accepted: list[tuple[outbox.OutboxRecord, SendResult]] = []
+
+        def record_accepted() -> None:
+            if accepted:
+                batch = accepted[:]
+                del accepted[:]
+                self._record_sent_batch(account, batch, result)
+
         try:
             items = [(e, r.row.priority) for e, r in zip(envelopes, records, strict=True)]
-            for index, outcome in self.attempt_many(account, items):
+            for index, outcome in self.attempt_many(account, items, on_wait=record_accepted):
                 seen.add(index)
                 record = records[index]
                 if isinstance(outcome, SendResult):
-                    # Recorded as soon as Gmail accepts it, before the stream goes on: a
-                    # worker killed later in the stream must not leave it to be sent again
-                    # (the duplicate window stays one message wide, as without streaming).
-                    self._record_sent_batch(account, [(record, outcome)], result)
+                    accepted.append((record, outcome))
                     sent_any = True
                 else:
                     last_error = outcome
                     result.outcomes[record.row.pk] = self.settle(record, outcome)
         finally:
-            if sent_any:
-                account.mark_sent()
+            try:
+                record_accepted()  # an error above never loses a 250 already received
+            finally:
+                if sent_any:
+                    account.mark_sent()
         untouched = [r for i, r in enumerate(records) if i not in seen]
         if untouched:
             result.untouched = len(untouched)
@@ -894,6 +954,25 @@ __all__ = [
     "refuse_oversized",
     "retry_delay",
 ]
+
+
+_TAKES_ON_WAIT: dict[Any, bool] = {}
+
+
+def _takes_on_wait(stream: Callable[..., Any]) -> bool:
+    """Whether a transport's ``stream`` accepts the ``on_wait`` keyword (cached per method:
+    custom transports written before it existed do not)."""
+    key = getattr(stream, "__func__", stream)
+    known = _TAKES_ON_WAIT.get(key)
+    if known is None:
+        try:
+            parameters = list(inspect.signature(stream).parameters.values())
+        except (TypeError, ValueError):  # no signature to read: assume the old one
+            parameters = []
+        known = _TAKES_ON_WAIT[key] = any(
+            p.name == "on_wait" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+        )
+    return known
 
 
 def _refusal(reservation: quota.Reservation | Exception) -> Exception:

@@ -18,7 +18,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import chain
@@ -60,6 +60,9 @@ class SendResult:
 #: what :meth:`GmailConnection.stream` yields for each envelope it sent (or tried to): Gmail's
 #: acceptance, or the classified error of that message alone
 StreamItem = tuple[Envelope, "SendResult | GmailSMTPError"]
+#: what a stream calls when it is about to wait for Gmail's reply (see
+#: :meth:`GmailConnection.stream`)
+OnWait = Callable[[], None]
 _Item = TypeVar("_Item")
 
 
@@ -95,7 +98,10 @@ class StreamingTransport(Transport, Protocol):
         self, account: GmailAccount, envelopes: Iterable[Envelope]
     ) -> Generator[StreamItem, None, None]:
         """Send ``envelopes`` (all from ``account``) one after another, yielding each one's
-        outcome in order; envelopes never yielded were not sent (the stream stopped early)."""
+        outcome in order; envelopes never yielded were not sent (the stream stopped early).
+
+        A stream may also take an ``on_wait`` keyword (see :meth:`GmailConnection.stream`);
+        the pipeline passes it only to a ``stream`` whose signature has it."""
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -441,7 +447,9 @@ class GmailConnection:
             return classify_reply(data_code, data_reply, phase="data", account=account), refused
         return None, refused
 
-    def stream(self, envelopes: Iterable[Envelope]) -> Generator[StreamItem, None, None]:
+    def stream(
+        self, envelopes: Iterable[Envelope], *, on_wait: OnWait | None = None
+    ) -> Generator[StreamItem, None, None]:
         """Send ``envelopes`` over this session one after another, yielding each one's outcome
         (its :class:`SendResult`, or the classified error of that message alone) in order.
 
@@ -455,7 +463,13 @@ class GmailConnection:
         the stream: the message whose body was written but not answered is yielded with
         ``maybe_delivered = True``; the one whose envelope only was written, and those never
         taken, are not yielded (nothing of them was delivered). Raises only when the session
-        cannot be opened.
+        cannot be opened (or when ``on_wait`` raises: that ends the stream).
+
+        ``on_wait``: called after each write, right before the stream waits for Gmail's
+        replies to it, so the caller can do its bookkeeping (record the outcomes already
+        yielded) while Gmail works instead of between the replies and the next write. Every
+        outcome yielded before a message's body is written is followed by a call before the
+        stream reads that body's reply (without PIPELINING: before the next message is sent).
         """
         if self._smtp is None:
             self.open()
@@ -463,6 +477,8 @@ class GmailConnection:
         assert smtp is not None
         if not smtp.has_extn("pipelining"):
             for envelope in envelopes:
+                if on_wait is not None:
+                    on_wait()  # one command at a time: nothing overlaps, record before sending
                 try:
                     yield envelope, self.send(envelope)
                 except GmailSMTPError as exc:
@@ -499,6 +515,11 @@ class GmailConnection:
                     elif current is not None:
                         yield current, exc  # nothing of it reached Gmail: a plain retry
                     return
+                if on_wait is not None:
+                    # Gmail works on what was just written: the caller's turn. Called even when
+                    # the reply is already there (a fast server): skipping it would let the
+                    # caller's unrecorded outcomes pile up for the whole stream.
+                    on_wait()
                 if previous is not None:
                     try:
                         with self._guard("after_data"):
@@ -546,6 +567,8 @@ class GmailConnection:
                     previous, previous_refused = current, refused
                 current = next(source, None)
             if rset:
+                if on_wait is not None:
+                    on_wait()
                 with self._guard("mail"):
                     smtp.rset()  # leave the session clean for the next send
             completed = True
@@ -882,19 +905,24 @@ class ConnectionPool:
             self._last_used[key] = time.monotonic()
 
     def stream(
-        self, account: GmailAccount, envelopes: Iterable[Envelope]
+        self,
+        account: GmailAccount,
+        envelopes: Iterable[Envelope],
+        *,
+        on_wait: OnWait | None = None,
     ) -> Generator[StreamItem, None, None]:
         """Stream ``envelopes`` (all from ``account``) over its pooled connection (see
-        :meth:`GmailConnection.stream`). A reused connection that Gmail closed meanwhile (the
-        first message dropped or answered 421 before DATA: nothing was sent) is replaced by a
-        fresh one, once. Raises only when no connection can be opened."""
+        :meth:`GmailConnection.stream`, which calls ``on_wait`` before it waits for a reply).
+        A reused connection that Gmail closed meanwhile (the first message dropped or answered
+        421 before DATA: nothing was sent) is replaced by a fresh one, once. Raises only when
+        no connection can be opened."""
         key = account_key(account)
         reused = key in self._connections and self._connections[key].is_open
         connection = self.connection(account)
         source = iter(envelopes)
         try:
             first = True
-            inner = connection.stream(source)
+            inner = connection.stream(source, on_wait=on_wait)
             for envelope, outcome in closing_iterator(inner):
                 stale = isinstance(outcome, ConnectionFailed) or (
                     isinstance(outcome, TemporaryError) and outcome.smtp_code == 421
@@ -909,7 +937,8 @@ class ConnectionPool:
                     inner.close()
                     connection.close()
                     connection = self.connection(account)
-                    with closing(connection.stream(chain([envelope], source))) as again:
+                    again_stream = connection.stream(chain([envelope], source), on_wait=on_wait)
+                    with closing(again_stream) as again:
                         yield from again
                     return
                 first = False
@@ -975,6 +1004,7 @@ def make_transport(settings: MailerSettings) -> Transport:
 __all__ = [
     "ConnectionPool",
     "GmailConnection",
+    "OnWait",
     "SendResult",
     "StreamItem",
     "StreamingTransport",

@@ -99,7 +99,7 @@ def bodies(msg: email.message.EmailMessage) -> tuple[str, str]:
 
 
 def unsubscribe_link(msg) -> str:
-    return re.match(r"<(https://[^>]+)>", msg["List-Unsubscribe"]).group(1)
+    return re.search(r"<(https://[^>]+)>", msg["List-Unsubscribe"]).group(1)
 
 
 # --- rendered messages ------------------------------------------------------------------------
@@ -114,7 +114,8 @@ def test_message_has_every_header_gmail_asks_of_bulk_senders(weekly):
     assert link.startswith(f"{SITE}/newsletters/unsubscribe/")
     token = unquote(urlsplit(link).path.rstrip("/").rsplit("/", 1)[1])
     assert tokens.read_unsubscribe_token(token) == (campaign.pk, "ann@example.net")
-    assert msg["List-Unsubscribe"] == (
+    # Django < 6.1 (the compat32 email policy) may fold before the first URL: still one URL a line
+    assert msg["List-Unsubscribe"].strip() == (
         f"<{link}>, <mailto:{SENDER}?subject=unsubscribe%20{token.replace(':', '%3A')}>"
     )
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -148,7 +149,9 @@ def test_headers_reach_gmail_unencoded_and_with_their_own_message_ids(weekly, sa
     headers = raw.split("\r\n\r\n", 1)[0]
     link = unsubscribe_link(parsed(messages[0]))
     assert len(link) > 78
-    assert f"\r\nList-Unsubscribe: <{link}>,\r\n <mailto:{SENDER}?subject=unsubscribe%20" in headers
+    # Each URL whole on its line (Django < 6.1 may fold before the first one as well).
+    folded = re.escape(f"<{link}>,\r\n <mailto:{SENDER}?subject=unsubscribe%20")
+    assert re.search(rf"\r\nList-Unsubscribe:(?: \r\n)? {folded}", headers), headers
     assert "List-Unsubscribe: =?" not in headers
     assert "\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in headers
     assert delivered[0].message["List-Id"] == "Lettre d'été <weekly.news.example.org>"

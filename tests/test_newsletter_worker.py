@@ -169,7 +169,9 @@ def test_the_circuit_breaker_pauses_on_421_4_7_28(
     campaign = make_campaign(make_list(10), domain_aligned=True)
     campaign.start()
     sandbox.fault("after_data", reply=Replies.UNUSUAL_RATE, times=None)
-    start_worker()
+    # Retries wait longer than a planner tick, as with the default RETRY_BASE_DELAY (30 s):
+    # with the suite's fast retries a worker could use up MAX_ATTEMPTS before any tick.
+    start_worker(RETRY_BASE_DELAY=30, RETRY_MAX_DELAY=60)
     assert planner.tick()["queued"] == 10
 
     def paused() -> bool:

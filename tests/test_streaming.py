@@ -9,17 +9,25 @@ was written as "maybe delivered" and the ones after it untouched, and nothing is
 from __future__ import annotations
 
 import smtplib
+import threading
+from itertools import pairwise
 
 import pytest
 from django.core.mail import EmailMessage
+from django.db import connection
 
 from django_gmail_smtp import outbox, slots
 from django_gmail_smtp.backends import CeleryGmailBackend
-from django_gmail_smtp.enums import Outcome, Reason, Status
+from django_gmail_smtp.conf import for_mailer
+from django_gmail_smtp.enums import Outcome, Priority, Reason, Status
 from django_gmail_smtp.models import OutboundEmail
+from django_gmail_smtp.pipeline import Pipeline
+from django_gmail_smtp.routing import Envelope
 from django_gmail_smtp.testing.replies import Replies
+from django_gmail_smtp.transport import ConnectionPool, SendResult
 
 from .conftest import SENDER
+from .processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -84,6 +92,115 @@ def test_a_stream_writes_each_body_with_the_next_envelope(
     assert [outbox.deliver(row.pk, pool=pool, stream=True) for row in others] == [
         Outcome.SKIPPED
     ] * 4
+
+
+def test_accepted_messages_are_recorded_while_the_stream_waits_for_a_later_reply(
+    account, sandbox, pool, dispatched
+):
+    first = queue(4)[0]
+    hanging, release = threading.Event(), threading.Event()
+
+    def on_delivery(delivered):
+        if delivered.subject == "m2":
+            # Gmail keeps the message but holds its reply until the test has looked.
+            hanging.set()
+            release.wait(30)
+
+    sandbox._state.on_delivery = on_delivery
+    outcomes: list[Outcome] = []
+
+    def worker() -> None:
+        try:
+            outcomes.append(outbox.deliver(first.pk, pool=pool, stream=True))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        wait_for(hanging.is_set, 30, "the reply to m2 to hang")
+
+        def state() -> dict[str, tuple[str, int]]:
+            return {subject: (row.status, row.attempts) for subject, row in rows().items()}
+
+        def recorded_while_waiting() -> bool:
+            now = state()
+            # m2 unanswered, the client still waiting (a timeout would count an attempt)
+            waiting = now["m2"] == now["m3"] == (Status.SENDING, 0)
+            return waiting and now["m0"] == now["m1"] == (Status.SENT, 0)
+
+        # m0 and m1 were accepted before the stream blocked on m2's reply: a worker killed
+        # now must find them recorded, not send them again. (Bounded below the client's
+        # 10 s read timeout, which would end the wait.)
+        wait_for(
+            recorded_while_waiting,
+            5,
+            lambda: f"m0 and m1 recorded as sent while m2's reply hangs ({state()})",
+        )
+    finally:
+        release.set()
+        thread.join(60)
+    assert outcomes == [Outcome.SENT]
+    assert {row.status for row in rows().values()} == {Status.SENT}
+    assert delivered_subjects(sandbox) == ["m0", "m1", "m2", "m3"]
+
+
+class StreamWithoutOnWait(ConnectionPool):
+    """A custom transport written before ``on_wait`` existed."""
+
+    def stream(self, account, envelopes):
+        yield from super().stream(account, envelopes)
+
+
+class SendOnly:
+    """A custom transport that sends one message at a time (no ``stream``)."""
+
+    def __init__(self, settings):
+        self.pool = ConnectionPool(settings)
+
+    def open(self, account):
+        self.pool.open(account)
+
+    def send(self, envelope):
+        return self.pool.send(envelope)
+
+    def close(self):
+        self.pool.close()
+
+
+@pytest.mark.parametrize("transport_class", [StreamWithoutOnWait, SendOnly])
+def test_a_transport_without_on_wait_lets_the_caller_record_after_each_message(
+    account, sandbox, transport_class
+):
+    settings = for_mailer(None)
+    transport = transport_class(settings)
+    items = [
+        (
+            Envelope(
+                account=account,
+                mail_from=SENDER,
+                recipients=["t@x.example"],
+                data=f"Subject: m{i}\r\n\r\nbody\r\n".encode(),
+            ),
+            Priority.BULK,
+        )
+        for i in range(3)
+    ]
+    events: list[str] = []
+    try:
+        stream = Pipeline(settings, transport=transport).attempt_many(
+            account, items, on_wait=lambda: events.append("wait")
+        )
+        for index, outcome in stream:
+            assert isinstance(outcome, SendResult), outcome
+            events.append(f"sent {index}")
+    finally:
+        transport.close()
+    assert delivered_subjects(sandbox) == ["m0", "m1", "m2"]
+    # the caller's turn comes between each accepted message and the next one
+    sent = [i for i, event in enumerate(events) if event != "wait"]
+    assert len(sent) == 3
+    assert all("wait" in events[a:b] for a, b in pairwise(sent))
 
 
 @pytest.mark.parametrize(

@@ -141,7 +141,7 @@ class SubscriberAdmin(NewsletterModelAdmin):
     where consent was given are on each subscriber's page."""
 
     form = AddressForm
-    list_display = ("email", "name", "mailing_list", "status", "consent_method")
+    list_display = ("email", "name", "mailing_list", "status")  # consent: a filter and the page
     list_filter = ("status", "mailing_list", "consent_method")
     list_select_related = ("mailing_list",)
     search_fields = ("email", "name")
