@@ -148,7 +148,10 @@ def test_pause_resume_and_a_killed_worker_lose_and_duplicate_nothing(
     OutboundEmail.objects.filter(status="queued").update(
         enqueued_at=timezone.now() - timedelta(minutes=10)
     )
-    start_worker(name="w2", beat=True)  # its sweeper re-queues the row the dead worker held
+    # Its sweeper re-queues the row the dead worker held (a 3 s lease). Its own rows get a
+    # lease longer than one streamed batch (20 messages at 0.2 s here), as the default 600 s
+    # is: with the suite's 3 s its sweeper could re-queue a row its own stream had not reached.
+    start_worker(name="w2", beat=True, SENDING_LEASE=30)
 
     def finished() -> bool:
         planner.tick()
