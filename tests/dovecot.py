@@ -36,6 +36,8 @@ from pathlib import Path
 
 from django_gmail_smtp.testing.certs import CertificateFiles, ensure_certificates
 
+from .processes import wait_for
+
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 
 #: why the Dovecot tests are skipped, or None when Dovecot is there
@@ -293,20 +295,23 @@ class Dovecot:
         """Wait until a TLS handshake on the port succeeds (or Dovecot exits)."""
         assert self._process is not None
         context = ssl.create_default_context(cafile=self.ca_file)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None or "Fatal:" in self.log():
-                return False
+
+        def state() -> str:
+            if self._process is None or self._process.poll() is not None or "Fatal:" in self.log():
+                return "dead"
             try:
                 with (
                     socket.create_connection((self.host, self.port), timeout=2) as raw,
                     context.wrap_socket(raw, server_hostname=self.host) as tls,
                 ):
-                    if tls.recv(100).startswith(b"* OK"):
-                        return True
+                    return "up" if tls.recv(100).startswith(b"* OK") else ""
             except OSError:
-                time.sleep(0.05)
-        return False
+                return ""
+
+        try:
+            return wait_for(state, timeout, "Dovecot to answer over TLS") == "up"
+        except AssertionError:
+            return False
 
     def log(self) -> str:
         path = self.root / "dovecot.log"
