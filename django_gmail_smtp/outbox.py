@@ -11,7 +11,8 @@ this module keeps the rows:
 - :func:`claim` takes a due row atomically; :func:`claim_batch` takes the next due rows of one
   sending address and mailer (a worker's stream); :class:`OutboxRecord` writes one row's
   outcome (sent, retry, deferred, failed), :func:`record_sent` several sent rows in one
-  transaction, :func:`release_claims` gives back rows a stream did not reach; :func:`deliver`
+  transaction, :func:`release_claims` gives back rows a stream did not reach, :func:`renew_claims`
+  extends the leases of the rows a long stream still holds; :func:`deliver`
   (the task's body) runs the pipeline on a row (and, streaming, on its account's due mail).
 - :func:`sweep` re-enqueues what is due: deferred rows whose time has come, queued rows whose
   task never reached the broker, rows left ``sending`` past their lease, and (one task per
@@ -773,6 +774,20 @@ def release_claims(records: Sequence[OutboxRecord], *, at: datetime | None = Non
             next_attempt_at=at,
             updated_at=timezone.now(),
         )
+    return total
+
+
+def renew_claims(records: Sequence[OutboxRecord]) -> int:
+    """Extend the leases of claimed rows still being sent (a long stream keeps the sweeper
+    from re-queueing the rows it has not reached yet); return how many were extended."""
+    lease = timedelta(seconds=float(get_setting("SENDING_LEASE")))
+    expires = timezone.now() + lease
+    total = 0
+    for worker in {record.worker for record in records}:
+        ids = [record.row.pk for record in records if record.worker == worker]
+        total += OutboundEmail.objects.filter(
+            pk__in=ids, status=Status.SENDING, claimed_by=worker
+        ).update(lease_expires_at=expires)
     return total
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
+from django.db import DatabaseError
 from django.utils import timezone
 
 from . import outbox, quota, signals, slots
@@ -492,10 +494,17 @@ class Pipeline:
             return self.settle(record, exc)
         return self._record_sent(record, account, result)
 
-    def deliver_batch(self, records: Sequence[outbox.OutboxRecord]) -> BatchResult:
+    def deliver_batch(
+        self,
+        records: Sequence[outbox.OutboxRecord],
+        *,
+        keep_alive: Callable[[Sequence[outbox.OutboxRecord]], None] | None = None,
+    ) -> BatchResult:
         """Send claimed rows of one sending address and mailer in one stream and record what
         happened to each: the sent ones together (one transaction), a failure on its own row
-        (classified by :meth:`settle`). Rows the stream did not reach go back to the queue."""
+        (classified by :meth:`settle`). Rows the stream did not reach go back to the queue.
+        ``keep_alive``: called with the rows whenever the stream waits for Gmail (after the
+        accepted ones are recorded), to renew their leases during a long stream."""
         result = BatchResult()
         if not records:
             return result
@@ -536,6 +545,8 @@ class Pipeline:
                 batch = accepted[:]
                 del accepted[:]
                 self._record_sent_batch(account, batch, result)
+            if keep_alive is not None:
+                keep_alive(records)
 
         try:
             items = [(e, r.row.priority) for e, r in zip(envelopes, records, strict=True)]
@@ -869,6 +880,7 @@ def stream_account(
     from .backends import CeleryGmailBackend
 
     size = int(get_setting("STREAM_BATCH"))
+    keeper = LeaseKeeper(slot)
     outcomes: dict[int, Outcome] = {}
     done: set[str] = set()
     previous: Transport | None = None
@@ -906,7 +918,7 @@ def stream_account(
             records += [outbox.OutboxRecord(row, token) for row in more]
             if not records:
                 break
-            result = pipeline.deliver_batch(records)
+            result = pipeline.deliver_batch(records, keep_alive=keeper)
             outcomes.update(result.outcomes)
             records = []
             if result.stop:
@@ -914,6 +926,33 @@ def stream_account(
             if not slots.renew(slot):
                 logger.warning("Lost the connection slot of %s; stopping its stream", address)
                 return outcomes
+
+
+class LeaseKeeper:
+    """Renews a stream's leases while it sends: its claimed rows' (``SENDING_LEASE``) and its
+    connection slot's (``CONNECTION_LEASE``), every third of the shorter one, so that a batch
+    slower than a lease (slow replies, a long batch) is never re-queued or taken over under
+    it. A failed renewal is logged, not raised: the stream goes on and records what happens."""
+
+    def __init__(self, slot: slots.Slot | None) -> None:
+        lease = float(get_setting("SENDING_LEASE"))
+        if slot is not None:
+            lease = min(lease, float(get_setting("CONNECTION_LEASE")))
+        self.slot = slot
+        self.every = lease / 3
+        self.due = time.monotonic() + self.every
+
+    def __call__(self, records: Sequence[outbox.OutboxRecord]) -> None:
+        now = time.monotonic()
+        if now < self.due:
+            return
+        self.due = now + self.every
+        try:
+            outbox.renew_claims(records)
+            if self.slot is not None:
+                slots.renew(self.slot)
+        except DatabaseError:
+            logger.warning("Could not renew the leases of a stream; it goes on", exc_info=True)
 
 
 def _defer_broken_mailer(

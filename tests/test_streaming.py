@@ -27,6 +27,7 @@ from django_gmail_smtp.testing.replies import Replies
 from django_gmail_smtp.transport import ConnectionPool, SendResult
 
 from .conftest import SENDER
+from .factories import with_keys
 from .processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -336,3 +337,37 @@ def test_a_row_whose_account_connection_another_worker_holds_is_left_to_it(
     assert outbox.deliver(row.pk, pool=pool, stream=True) == Outcome.SENT
     # a stream that is done gives the slot back (outside a worker nothing keeps it warm)
     assert slots.held(SENDER) == 0
+
+
+def test_a_stream_slower_than_the_lease_keeps_its_rows_and_its_slot(
+    account, sandbox, pool, dispatched, settings
+):
+    # 8 messages at 0.3 s each take longer than a 1 s lease: the stream renews its rows'
+    # leases (and its connection slot's) while it sends, so a sweeper never re-queues a row
+    # the stream has not reached yet (another worker would send it too).
+    with_keys(settings, SENDING_LEASE=1)
+    first = queue(8)[0]
+    sandbox.fault("data", delay=0.3, times=None)
+    swept: list[dict[str, int]] = []
+    done = threading.Event()
+
+    def sweeper() -> None:
+        try:
+            while not done.wait(0.1):
+                swept.append(outbox.sweep())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=sweeper)
+    thread.start()
+    try:
+        outcome = outbox.deliver(first.pk, pool=pool, stream=True)
+    finally:
+        done.set()
+        thread.join(30)
+    assert outcome == Outcome.SENT
+    assert len(swept) > 20  # the sweeper ran all along
+    assert sum(counts["expired_leases"] for counts in swept) == 0
+    assert dispatched == [(row.pk, None) for row in OutboundEmail.objects.order_by("pk")]
+    assert delivered_subjects(sandbox) == [f"m{i}" for i in range(8)]
+    assert {(row.status, row.log.count()) for row in rows().values()} == {(Status.SENT, 1)}
