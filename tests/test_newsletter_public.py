@@ -243,6 +243,33 @@ def test_without_a_site_address_links_fail_plainly_and_a_check_says_so(weekly, s
     assert "gmail_smtp_newsletters.W001" in ids and "gmail_smtp_newsletters.E001" not in ids
 
 
+def active_users():
+    from django.contrib.auth.models import User
+
+    return User.objects.filter(is_active=True)
+
+
+NOT_CALLABLE = 42
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("tests.test_newsletter_public.active_users", None),
+        ("tests.test_newsletter_public.no_such_function", "gmail_smtp_newsletters.E002"),
+        ("tests.no_such_module.users", "gmail_smtp_newsletters.E002"),
+        ("tests.test_newsletter_public", "gmail_smtp_newsletters.E003"),  # a module
+        ("tests.test_newsletter_public.NOT_CALLABLE", "gmail_smtp_newsletters.E003"),
+    ],
+)
+def test_a_check_says_when_an_audience_path_does_not_import(db, settings, path, error):
+    with_keys(settings, NEWSLETTER_AUDIENCES={"members": path})
+    found = [m for m in run_checks() if m.id.startswith("gmail_smtp_newsletters.E00")]
+    assert [m.id for m in found] == ([error] if error else [])
+    if error:
+        assert "'members'" in found[0].msg and path in found[0].msg and found[0].hint
+
+
 # --- tokens -----------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from django.apps import apps
 from django.core.checks import Error, Warning, register
+from django.utils.module_loading import import_string
 
 from ..conf import get_setting
 from ..exceptions import GmailConfigurationError
@@ -40,3 +41,38 @@ def check_site_url(app_configs: Any = None, **kwargs: Any) -> list:
             )
         ]
     return []
+
+
+@register()
+def check_audiences(app_configs: Any = None, **kwargs: Any) -> list:
+    """Each ``NEWSLETTER_AUDIENCES`` path imports and is callable (called only at start: it may
+    query the database, which a check must not)."""
+    try:
+        audiences = get_setting("NEWSLETTER_AUDIENCES") or {}
+    except GmailConfigurationError:
+        return []  # the main app's settings check reports the bad value
+    problems = []
+    for name, path in sorted(audiences.items()):
+        try:
+            target = import_string(path)
+        except ImportError as exc:
+            problems.append(
+                Error(
+                    f'GMAIL_SMTP["NEWSLETTER_AUDIENCES"][{name!r}] is {path!r}, which cannot be '
+                    f"imported ({exc}); campaigns to this audience could not start.",
+                    hint="Give the dotted path of a function that returns a queryset of a model "
+                    "with an email field, such as 'myapp.audiences.active_users'.",
+                    id="gmail_smtp_newsletters.E002",
+                )
+            )
+            continue
+        if not callable(target):
+            problems.append(
+                Error(
+                    f'GMAIL_SMTP["NEWSLETTER_AUDIENCES"][{name!r}] is {path!r}, which is a '
+                    f"{type(target).__name__}, not a function returning a queryset.",
+                    hint="Point it at a function (no arguments) that returns the queryset.",
+                    id="gmail_smtp_newsletters.E003",
+                )
+            )
+    return problems
