@@ -389,7 +389,7 @@ def test_a_newsletter_from_list_to_unsubscribe(
     assert f"<mailto:{SENDER}?subject=unsubscribe" in header
     page.goto(link)
     expect(page.get_by_role("heading", name="Unsubscribe")).to_be_visible()
-    expect(page.locator("main")).to_contain_text(f"Stop sending these emails to {reader}?")
+    expect(page.locator("main")).to_contain_text(f"Stop sending Example weekly to {reader}?")
     look(page, shots, "15-unsubscribe-page")
     # The GET (what a link scanner does too) changed nothing.
     assert server.python(SUBSCRIPTION, reader) == "active 0 sent"

@@ -20,6 +20,7 @@ from django.core.checks import run_checks
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import escape
 
 from django_gmail_smtp.backends import GmailSMTPBackend
 from django_gmail_smtp.enums import Priority
@@ -428,7 +429,11 @@ def test_a_later_campaign_skips_an_unsubscribed_address(running, browserless):
 def test_the_page_button_post_unsubscribes_too(running, browserless):
     campaign, ann, *_ = running
     path = urlsplit(unsubscribe_link(parsed(Renderer(campaign).message(ann)))).path
-    assert_plain_200(browserless().post(path))  # the page's form: no body, no CSRF token
+    response = browserless().post(path)  # the page's form: no body, no CSRF token
+    assert_plain_200(response)
+    assert f"ann@example.net will get no more of {escape(campaign.mailing_list.name)}." in (
+        response.content.decode()
+    )
     suppression = Suppression.objects.get(email="ann@example.net")
     assert "unsubscribe page" in suppression.detail
 
@@ -440,7 +445,9 @@ def test_get_shows_a_confirmation_page_and_changes_nothing(running, browserless)
     response = browserless().get(path)
     assert_plain_200(response)
     assert b'<form method="post">' in response.content
-    assert b"ann@example.net" in response.content
+    assert f"Stop sending {escape(campaign.mailing_list.name)} to ann@example.net?" in (
+        response.content.decode()
+    )
     assert_plain_200(browserless().head(path))
     assert snapshot() == before
 

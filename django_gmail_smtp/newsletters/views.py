@@ -123,7 +123,11 @@ def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
     POST (RFC 8058 one-click, ``List-Unsubscribe=One-Click``, or that button): unsubscribes,
     and answers 200 with a short page; never a redirect, also for a token that is not valid."""
     found = tokens.read_unsubscribe_token(token)
-    context = {"valid": found is not None, "email": found[1] if found else ""}
+    context = {
+        "valid": found is not None,
+        "email": found[1] if found else "",
+        "newsletter": _newsletter_name(found[0]) if found else "",
+    }
     if request.method != "POST":
         return render(request, TEMPLATES + "unsubscribe.html", context)
     one_click = request.POST.get(ONE_CLICK_BODY[0]) == ONE_CLICK_BODY[1]
@@ -131,6 +135,17 @@ def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
     if found is not None:
         subscribers.unsubscribe(token, how=how)
     return render(request, TEMPLATES + "unsubscribe_done.html", context)
+
+
+def _newsletter_name(campaign_id: int) -> str:
+    """The list the reader unsubscribes from ("" for a campaign to an audience, where it is
+    from every newsletter, or a campaign deleted since)."""
+    name = (
+        Campaign.objects.filter(pk=campaign_id, mailing_list__isnull=False)
+        .values_list("mailing_list__name", flat=True)
+        .first()
+    )
+    return name or ""
 
 
 @require_http_methods(["GET", "HEAD"])
