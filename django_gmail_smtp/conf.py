@@ -87,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
     "IMAP_HOST": "imap.gmail.com",
     "IMAP_PORT": 993,  # implicit TLS
     "BOUNCE_INTERVAL": None,  # seconds between bounce reads in the beat schedule; None: not run
-    "BOUNCE_SOFT_LIMIT": 3,  # soft bounces of an address before it is suppressed
+    "BOUNCE_SOFT_LIMIT": 3,  # soft bounces of an address within 30 days before it is suppressed
     "BOUNCE_ACTION": None,  # None: only read; "label": add BOUNCE_LABEL; "move": move there
     "BOUNCE_LABEL": "Bounces",  # the Gmail label (IMAP folder) of processed reports
 }
@@ -551,7 +551,8 @@ SETTINGS: dict[str, Setting] = {
             "BOUNCE_SOFT_LIMIT",
             "a whole number of at least 1 such as 3",
             _number(integer=True, minimum=1),
-            "Soft (temporary) bounces of an address before the newsletters suppress it.",
+            "Soft (temporary) bounces of an address within 30 days before the newsletters "
+            "suppress it.",
         ),
         Setting(
             "BOUNCE_ACTION",

@@ -545,6 +545,37 @@ def test_soft_bounces_suppress_after_the_limit(account, settings):
 
 
 @pytest.mark.django_db
+def test_soft_bounces_older_than_the_window_do_not_count(account, settings):
+    from django_gmail_smtp.newsletters.bounce_receivers import SOFT_BOUNCE_WINDOW
+    from django_gmail_smtp.newsletters.models import Suppression
+
+    with_keys(settings, BOUNCE_SOFT_LIMIT=2)
+    _campaign, [first] = campaign_rows(account, [FULL])
+    lists = {"mailing_list": first.campaign.mailing_list}
+    _campaign2, [second] = campaign_rows(account, [FULL], **lists)
+    _campaign3, [third] = campaign_rows(account, [FULL], **lists)
+
+    def soft_bounce(recipient, key: str) -> None:
+        report = parse_report(
+            gmail_report(
+                f"Message-ID: {recipient.outbound.message_id}", FULL, status="4.2.2", reply="452"
+            )
+        )
+        assert len(record_report(account, report, key=key)) == 1
+
+    soft_bounce(first, "old")
+    # A mailbox full long ago: that bounce no longer counts.
+    Bounce.objects.filter(recipient=FULL).update(
+        created_at=timezone.now() - SOFT_BOUNCE_WINDOW - timedelta(days=1)
+    )
+    soft_bounce(second, "recent")
+    assert not Suppression.objects.filter(email=FULL).exists()
+    soft_bounce(third, "again")  # two within the window: suppressed
+    suppressed = Suppression.objects.get(email=FULL)
+    assert "2 soft bounces" in suppressed.detail
+
+
+@pytest.mark.django_db
 def test_bounce_rate_pauses_the_campaign(account, settings):
     from django_gmail_smtp.newsletters.models import Campaign
 

@@ -3,8 +3,9 @@
 - A hard bounce (5.x.x) suppresses the address: on the campaign's list, or on every list when
   the message was not a list campaign's (an audience campaign, or the site's own mail), with
   the report as the suppression's detail. Its subscriptions there become "bounced".
-- A soft bounce (4.x.x) is counted; after ``BOUNCE_SOFT_LIMIT`` of them (from any mail of the
-  site) the address is suppressed the same way.
+- A soft bounce (4.x.x) is counted; after ``BOUNCE_SOFT_LIMIT`` of them within
+  :data:`SOFT_BOUNCE_WINDOW` (30 days, from any mail of the site) the address is suppressed
+  the same way: a mailbox full once a year never suppresses it.
 - The campaign's recipient becomes "bounced", with the reason.
 - The circuit breaker counts bounces too: a campaign whose bounced share of the messages it
   sent is over ``NEWSLETTER_BREAKER_RATE`` (judged after ``NEWSLETTER_BREAKER_MINIMUM``)
@@ -14,11 +15,13 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
 from django.db.models import Count
 from django.dispatch import receiver
+from django.utils import timezone
 
 from .. import signals
 from ..conf import get_setting
@@ -27,6 +30,9 @@ from ..models import Bounce, OutboundEmail, normalize_address
 from .models import Campaign, CampaignRecipient, Subscriber, Suppression
 
 logger = logging.getLogger(__name__)
+
+#: Soft bounces older than this no longer count toward ``BOUNCE_SOFT_LIMIT``.
+SOFT_BOUNCE_WINDOW = timedelta(days=30)
 
 Recipient = CampaignRecipient.Status
 
@@ -60,7 +66,11 @@ def record_bounce(bounce: Bounce, outbound: OutboundEmail | None) -> Campaign | 
     if bounce.kind == BounceKind.HARD:
         why = Suppression.Reason.HARD_BOUNCE
     else:
-        soft = Bounce.objects.filter(recipient=email, kind=BounceKind.SOFT).count()
+        soft = Bounce.objects.filter(
+            recipient=email,
+            kind=BounceKind.SOFT,
+            created_at__gte=timezone.now() - SOFT_BOUNCE_WINDOW,
+        ).count()
         if soft < int(get_setting("BOUNCE_SOFT_LIMIT")):
             return campaign
         why = Suppression.Reason.SOFT_BOUNCE
