@@ -452,6 +452,31 @@ def test_get_shows_a_confirmation_page_and_changes_nothing(running, browserless)
     assert snapshot() == before
 
 
+def test_a_test_send_and_a_preview_carry_links_that_unsubscribe_nobody(running, browserless):
+    campaign, ann, *_ = running
+    renderer = Renderer(campaign)
+    test_send = parsed(renderer.test_message("ann@example.net"))
+    preview_link = re.search(r"Unsubscribe: (\S+)", renderer.preview(ann)["text"]).group(1)
+    real_path = urlsplit(unsubscribe_link(parsed(renderer.message(ann)))).path
+    for link in (unsubscribe_link(test_send), preview_link):
+        path = urlsplit(link).path
+        assert path != real_path
+        before = snapshot()
+        page = browserless().get(path)
+        assert_plain_200(page)
+        assert "it unsubscribes nobody" in page.content.decode()
+        done = browserless().post(
+            path, "List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded"
+        )
+        assert_plain_200(done)
+        assert "ann@example.net is still subscribed" in done.content.decode()
+        assert snapshot() == before
+    # The mailto half of a test send's header changes nothing either.
+    token = unquote(re.search(r"subject=unsubscribe%20([^>]+)>", test_send["List-Unsubscribe"])[1])
+    assert subscribers.unsubscribe(token) is False
+    assert snapshot() == before
+
+
 @pytest.mark.parametrize("kind", ["tampered", "garbage", "unknown campaign address"])
 def test_a_bad_token_answers_200_and_changes_nothing(running, browserless, kind):
     campaign, *_ = running

@@ -109,9 +109,10 @@ def absolute(path: str) -> str:
     return f"{site_url()}/{path.lstrip('/')}"
 
 
-def unsubscribe_url(campaign: Campaign | int, email: str) -> str:
-    """The one-click unsubscribe link for this campaign and address."""
-    token = tokens.unsubscribe_token(campaign, email)
+def unsubscribe_url(campaign: Campaign | int, email: str, *, test: bool = False) -> str:
+    """The one-click unsubscribe link for this campaign and address (``test``: a test send's
+    or preview's link, which unsubscribes nobody)."""
+    token = tokens.unsubscribe_token(campaign, email, test=test)
     return absolute(reverse("gmail_smtp_newsletters:unsubscribe", args=[token]))
 
 
@@ -266,7 +267,7 @@ class Renderer:
     def test_message(self, email: str) -> EmailMultiAlternatives:
         """A test send to ``email`` (a seed address): subject prefixed ``[Test] ``, rendered
         for that address's subscription on the list if there is one, else a sample."""
-        return self._message(self._seed(email), email, subject_prefix="[Test] ")
+        return self._message(self._seed(email), email, subject_prefix="[Test] ", test=True)
 
     def preview(
         self, subscriber_or_recipient: Subscriber | CampaignRecipient | None = None
@@ -277,7 +278,8 @@ class Renderer:
             subscriber = SubscriberData(SAMPLE_EMAIL, "Sample Subscriber", self._sample_fields())
         else:
             subscriber = _snapshot(subscriber_or_recipient)
-        link = unsubscribe_url(self.campaign, subscriber.email)
+        # A preview's link is a test link: following it from the admin unsubscribes nobody.
+        link = unsubscribe_url(self.campaign, subscriber.email, test=True)
         return self.render(subscriber, link, self.archive_url, add_link=True)
 
     def archive_page(self) -> dict[str, str]:
@@ -339,10 +341,10 @@ class Renderer:
         name = re.sub(r'[\s"<>\\]+', " ", name).strip()
         return f"{name} <{ident}>" if name else f"<{ident}>"
 
-    def headers(self, email: str, link: str = "") -> dict[str, str]:
+    def headers(self, email: str, link: str = "", *, test: bool = False) -> dict[str, str]:
         """The per-message headers for ``email``: unsubscribe, List-Id, Message-ID.
-        ``link``: its unsubscribe link, when already made."""
-        token = tokens.unsubscribe_token(self.campaign, email)
+        ``link``: its unsubscribe link, when already made; ``test``: a test send's."""
+        token = tokens.unsubscribe_token(self.campaign, email, test=test)
         link = link or absolute(reverse("gmail_smtp_newsletters:unsubscribe", args=[token]))
         sender = parseaddr(self.from_email)[1] or self.from_email
         mailto = f"mailto:{sender}?subject={quote('unsubscribe ' + token, safe='')}"
@@ -354,10 +356,15 @@ class Renderer:
         }
 
     def _message(
-        self, subscriber: SubscriberData, email: str, *, subject_prefix: str = ""
+        self,
+        subscriber: SubscriberData,
+        email: str,
+        *,
+        subject_prefix: str = "",
+        test: bool = False,
     ) -> EmailMultiAlternatives:
-        link = unsubscribe_url(self.campaign, email)
-        headers = self.headers(email, link)
+        link = unsubscribe_url(self.campaign, email, test=test)
+        headers = self.headers(email, link, test=test)
         parts = self.render(subscriber, link, self.archive_url, add_link=True)
         message = EmailMultiAlternatives(
             subject=subject_prefix + parts["subject"],

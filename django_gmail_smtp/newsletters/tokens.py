@@ -20,24 +20,36 @@ if TYPE_CHECKING:
 
 UNSUBSCRIBE_SALT = "django_gmail_smtp.newsletters.unsubscribe"
 CONFIRM_SALT = "django_gmail_smtp.newsletters.confirm"
+#: the third element of a test send's unsubscribe token
+TEST_MARK = "test"
 #: how long a double opt-in confirmation link works
 CONFIRM_MAX_AGE = timedelta(days=7)
 
 
-def unsubscribe_token(campaign: Campaign | int, email: str) -> str:
-    """A URL-safe token naming this campaign and address; it never expires."""
+def unsubscribe_token(campaign: Campaign | int, email: str, *, test: bool = False) -> str:
+    """A URL-safe token naming this campaign and address; it never expires. ``test``: the
+    token of a test send or a preview, which unsubscribes nobody (its page says so)."""
     campaign_id = campaign if isinstance(campaign, int) else campaign.pk
+    value: list[Any] = [campaign_id, normalize_address(email)]
+    if test:
+        value.append(TEST_MARK)
     # Signer, not signing.dumps: no timestamp (no expiry), so the token stays short.
-    return signing.Signer(salt=UNSUBSCRIBE_SALT).sign_object(
-        [campaign_id, normalize_address(email)], compress=True
-    )
+    return signing.Signer(salt=UNSUBSCRIBE_SALT).sign_object(value, compress=True)
 
 
 def read_unsubscribe_token(token: str) -> tuple[int, str] | None:
     """``(campaign_id, email)`` from a token made by :func:`unsubscribe_token`; ``None`` for
-    anything else (tampered, truncated, another salt's, garbage)."""
+    anything else (tampered, truncated, another salt's, garbage, a test send's)."""
     value = _load(signing.Signer(salt=UNSUBSCRIBE_SALT), token)
     return _pair(value)
+
+
+def read_test_unsubscribe_token(token: str) -> tuple[int, str] | None:
+    """``(campaign_id, email)`` from a test send's or preview's token; ``None`` otherwise."""
+    value = _load(signing.Signer(salt=UNSUBSCRIBE_SALT), token)
+    if isinstance(value, list) and len(value) == 3 and value[2] == TEST_MARK:
+        return _pair(value[:2])
+    return None
 
 
 def confirm_token(subscriber: Subscriber) -> str:

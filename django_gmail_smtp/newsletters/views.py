@@ -123,10 +123,13 @@ def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
     POST (RFC 8058 one-click, ``List-Unsubscribe=One-Click``, or that button): unsubscribes,
     and answers 200 with a short page; never a redirect, also for a token that is not valid."""
     found = tokens.read_unsubscribe_token(token)
+    test = tokens.read_test_unsubscribe_token(token) if found is None else None
+    shown = found or test
     context = {
-        "valid": found is not None,
-        "email": found[1] if found else "",
-        "newsletter": _newsletter_name(found[0]) if found else "",
+        "valid": shown is not None,
+        "test": test is not None,
+        "email": shown[1] if shown else "",
+        "newsletter": _newsletter_name(shown[0]) if shown else "",
     }
     if request.method != "POST":
         return render(request, TEMPLATES + "unsubscribe.html", context)
