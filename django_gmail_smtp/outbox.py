@@ -51,6 +51,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from . import signals
+from .clock import db_now
 from .conf import SettingsLike, as_settings, get_setting
 from .enums import AttemptOutcome, Outcome, Priority, Reason, Status
 from .models import GmailAccount, OutboundAttempt, OutboundEmail, normalize_address
@@ -661,6 +662,13 @@ EARLY = timedelta(seconds=1)
 REQUEUE_WITHIN = timedelta(seconds=120)
 
 
+def lease_now() -> datetime:
+    """The time leases are measured by: the outbox database's, the same for every process (a
+    worker whose clock disagrees must not see another's lease as run out, nor make its own
+    look so)."""
+    return db_now(db_router.db_for_write(OutboundEmail))
+
+
 def claim(outbound_id: int, worker: str) -> OutboundEmail | None:
     """Atomically take a due row for sending; None if another delivery has it or it is done."""
     now = timezone.now()
@@ -670,7 +678,7 @@ def claim(outbound_id: int, worker: str) -> OutboundEmail | None:
     )
     claimed = waiting.filter(
         Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now + EARLY)
-    ).update(status=Status.SENDING, lease_expires_at=now + lease, claimed_by=worker)
+    ).update(status=Status.SENDING, lease_expires_at=lease_now() + lease, claimed_by=worker)
     if claimed:
         return OutboundEmail.objects.select_related("account").get(pk=outbound_id)
     # A retry's task that ran early (a worker whose clock is behind, an early timer): hand it
@@ -722,7 +730,7 @@ def claim_batch(
         return []
     # Filter on the state again: a row another worker took meanwhile stays its own.
     mine.filter(_due(now), pk__in=candidates).update(
-        status=Status.SENDING, lease_expires_at=now + lease, claimed_by=worker
+        status=Status.SENDING, lease_expires_at=lease_now() + lease, claimed_by=worker
     )
     rows = OutboundEmail.objects.select_related("account").filter(
         pk__in=candidates, status=Status.SENDING, claimed_by=worker
@@ -781,7 +789,7 @@ def renew_claims(records: Sequence[OutboxRecord]) -> int:
     """Extend the leases of claimed rows still being sent (a long stream keeps the sweeper
     from re-queueing the rows it has not reached yet); return how many were extended."""
     lease = timedelta(seconds=float(get_setting("SENDING_LEASE")))
-    expires = timezone.now() + lease
+    expires = lease_now() + lease
     total = 0
     for worker in {record.worker for record in records}:
         ids = [record.row.pk for record in records if record.worker == worker]
@@ -874,12 +882,13 @@ def sweep(*, limit: int = 1000) -> dict[str, int]:
     """Re-enqueue what is due; return counts (``due``, ``stale_queued``, ``expired_leases``)."""
     now = timezone.now()
     grace = timedelta(seconds=float(get_setting("SWEEP_GRACE")))
-    expired = OutboundEmail.objects.filter(status=Status.SENDING, lease_expires_at__lt=now)
+    lease_clock = lease_now()
+    expired = OutboundEmail.objects.filter(status=Status.SENDING, lease_expires_at__lt=lease_clock)
     expired_ids = list(expired.values_list("pk", flat=True)[:limit])
     if expired_ids:
         # The worker died mid-send (the only duplicate window): send again.
         OutboundEmail.objects.filter(
-            pk__in=expired_ids, status=Status.SENDING, lease_expires_at__lt=now
+            pk__in=expired_ids, status=Status.SENDING, lease_expires_at__lt=lease_clock
         ).update(
             status=Status.QUEUED,
             lease_expires_at=None,

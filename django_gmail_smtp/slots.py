@@ -27,8 +27,8 @@ from datetime import timedelta
 
 from django.db import IntegrityError, transaction
 from django.db.models import Q
-from django.utils import timezone
 
+from .clock import db_now
 from .conf import SettingsLike, get_setting
 from .models import ConnectionSlot, normalize_address
 from .quota import ledger_db
@@ -83,7 +83,7 @@ def acquire(
     holder = holder or holder_token()
     db = ledger_db(options)
     count = int(get_setting("CONNECTIONS_PER_ACCOUNT"))
-    now = timezone.now()
+    now = db_now(db)
     slots = ConnectionSlot.objects.using(db).filter(address=address, number__lt=count)
     for _try in range(2):
         # With one slot per account (the default) a single UPDATE decides.
@@ -120,7 +120,7 @@ def renew(slot: Slot, *, lease: float | None = None) -> bool:
     return bool(
         ConnectionSlot.objects.using(slot.db)
         .filter(address=slot.address, number=slot.number, holder=slot.holder)
-        .update(lease_expires_at=timezone.now() + _lease(lease))
+        .update(lease_expires_at=db_now(slot.db) + _lease(lease))
     )
 
 
@@ -134,12 +134,13 @@ def release(slot: Slot) -> None:
 def held(address: str, *, options: SettingsLike = None) -> int:
     """How many slots of ``address`` are held now (by live leases)."""
     count = int(get_setting("CONNECTIONS_PER_ACCOUNT"))
+    db = ledger_db(options)
     return (
-        ConnectionSlot.objects.using(ledger_db(options))
+        ConnectionSlot.objects.using(db)
         .filter(
             address=normalize_address(address),
             number__lt=count,
-            lease_expires_at__gte=timezone.now(),
+            lease_expires_at__gte=db_now(db),
         )
         .exclude(holder="")
         .count()
@@ -148,9 +149,10 @@ def held(address: str, *, options: SettingsLike = None) -> int:
 
 def expire(options: SettingsLike = None) -> int:
     """Free slots whose lease ran out (their holder died); return how many."""
+    db = ledger_db(options)
     return (
-        ConnectionSlot.objects.using(ledger_db(options))
+        ConnectionSlot.objects.using(db)
         .exclude(holder="")
-        .filter(lease_expires_at__lt=timezone.now())
+        .filter(lease_expires_at__lt=db_now(db))
         .update(holder="", lease_expires_at=None)
     )
