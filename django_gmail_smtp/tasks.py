@@ -70,7 +70,9 @@ def keep_warm(slot: Slot) -> None:
         _let_go(slot)
         return
     lease = min(float(get_setting("CONNECTION_LEASE")), float(get_setting("SENDING_LEASE")))
-    slots.renew(slot, lease=idle + lease)
+    if not slots.renew(slot, lease=idle + lease):
+        _let_go(slot)  # taken over (its lease ran out): the connection is no longer ours
+        return
     with _lock:
         _warm[slot.address] = (slot, time.monotonic() + idle)
     _start_keeper()
@@ -104,7 +106,7 @@ def _keep() -> None:
     """The keeper thread: streams new mail of warm accounts, closes them when idle."""
     from django.db import connections
 
-    from . import outbox
+    from . import outbox, slots
     from .pipeline import stream_account
 
     global _keeper
@@ -119,6 +121,11 @@ def _keep() -> None:
                     try:
                         if outbox.has_due(address, slot.priorities):
                             del _warm[address]
+                            if not slots.renew(slot):
+                                # Taken over while this process could not renew it (busy
+                                # with another task): the mail is the new holder's.
+                                _let_go(slot)
+                                continue
                             stream_account(
                                 slot,
                                 address,
