@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -69,6 +70,25 @@ def test_every_settings_key_is_described_in_the_code():
     )
     stale = sorted(set(conf.SETTINGS) - set(conf.DEFAULTS))
     assert not stale, f"conf.SETTINGS describes keys that have no default: {stale}"
+
+
+def test_the_readme_settings_table_shows_the_real_defaults():
+    """Each row of the README's settings table names a real key with its real default; the
+    core sending keys (all but the newsletters' and the bounce reader's) are all there."""
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z_0-9]+)` \| `([^`]*)` \|", readme, re.M))
+    assert rows, "the README's settings table was not found"
+    unknown = sorted(set(rows) - set(conf.DEFAULTS))
+    assert not unknown, f"README lists keys that do not exist: {unknown}"
+    wrong = {
+        key: (shown, conf.DEFAULTS[key])
+        for key, shown in rows.items()
+        if ast.literal_eval(shown) != conf.DEFAULTS[key]
+    }
+    assert not wrong, f"README defaults differ from the code (README, code): {wrong}"
+    elsewhere = ("NEWSLETTER_", "BOUNCE_", "IMAP_", "SITE_URL", "TRANSPORT_CLASS")
+    missing = sorted(k for k in conf.DEFAULTS if k not in rows and not k.startswith(elsewhere))
+    assert not missing, f"README's settings table lacks {missing}"
 
 
 def test_settings_reference_renders_every_key():
