@@ -27,14 +27,14 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
-from django.db import DatabaseError
+from django.db import Error as DbError
 from django.utils import timezone
 
 from . import outbox, quota, signals, slots
@@ -168,6 +168,7 @@ class Pipeline:
         *,
         stop_at_refusal: bool = False,
         on_wait: OnWait | None = None,
+        proceed: Callable[[], bool] | None = None,
     ) -> Generator[tuple[int, SendResult | Exception], None, None]:
         """Reserve quota for several messages of ``account`` (envelope, priority) in one
         ledger transaction and stream them over one connection; yield each one's index and
@@ -187,7 +188,9 @@ class Pipeline:
         critical path; each outcome is followed by a call before the stream reads the reply to
         the next message's body (with a transport whose ``stream`` has no ``on_wait``, or
         that sends one message at a time: after each outcome, before the stream goes on).
-        What it raises ends the stream and is raised here."""
+        What it raises ends the stream and is raised here. ``proceed``: asked before each
+        further message is handed to the stream; once it says no, the message in flight is
+        finished and the rest are not sent (their quota is given back)."""
         callback_errors: list[BaseException] = []
         waiting: OnWait | None = None
         if on_wait is not None:
@@ -224,7 +227,8 @@ class Pipeline:
             if cut is None:
                 for index in refused:
                     yield index, _refusal(reservations[index])  # refused by the ledger
-            stream = self._stream(account, to_send, on_wait=waiting) if to_send else ()
+            source: Iterable[Envelope] = to_send if proceed is None else _while(proceed, to_send)
+            stream = self._stream(account, source, on_wait=waiting) if to_send else ()
             for envelope, outcome in stream:
                 index = index_of[id(envelope)]
                 reservation = unused.pop(index)
@@ -251,7 +255,7 @@ class Pipeline:
     def _stream(
         self,
         account: GmailAccount,
-        envelopes: list[Envelope],
+        envelopes: Iterable[Envelope],
         *,
         on_wait: OnWait | None = None,
     ) -> Iterator[tuple[Envelope, SendResult | GmailSMTPError]]:
@@ -502,13 +506,15 @@ class Pipeline:
         self,
         records: Sequence[outbox.OutboxRecord],
         *,
-        keep_alive: Callable[[Sequence[outbox.OutboxRecord]], None] | None = None,
+        keep_alive: Callable[[Sequence[outbox.OutboxRecord]], bool] | None = None,
     ) -> BatchResult:
         """Send claimed rows of one sending address and mailer in one stream and record what
         happened to each: the sent ones together (one transaction), a failure on its own row
         (classified by :meth:`settle`). Rows the stream did not reach go back to the queue.
-        ``keep_alive``: called with the rows whenever the stream waits for Gmail (after the
-        accepted ones are recorded), to renew their leases during a long stream."""
+        ``keep_alive``: called with the rows not settled yet whenever the stream waits for
+        Gmail (after the accepted ones are recorded), to renew their leases during a long
+        stream; when it answers False (a lease was lost: taken over by another worker), the
+        message in flight is finished and the rest are given back, untouched."""
         result = BatchResult()
         if not records:
             return result
@@ -544,17 +550,22 @@ class Pipeline:
         # sent again (killed during that recording itself: also the one being recorded).
         accepted: list[tuple[outbox.OutboxRecord, SendResult]] = []
 
+        held = [True]
+
         def record_accepted() -> None:
             if accepted:
                 batch = accepted[:]
                 del accepted[:]
                 self._record_sent_batch(account, batch, result)
-            if keep_alive is not None:
-                keep_alive(records)
+            if keep_alive is not None and held[0]:
+                pending = [r for r in records if r.row.pk not in result.outcomes]
+                held[0] = keep_alive(pending)
 
         try:
             items = [(e, r.row.priority) for e, r in zip(envelopes, records, strict=True)]
-            for index, outcome in self.attempt_many(account, items, on_wait=record_accepted):
+            for index, outcome in self.attempt_many(
+                account, items, on_wait=record_accepted, proceed=lambda: held[0]
+            ):
                 seen.add(index)
                 record = records[index]
                 if isinstance(outcome, SendResult):
@@ -573,7 +584,22 @@ class Pipeline:
         if untouched:
             result.untouched = len(untouched)
             phase = getattr(last_error, "phase", "")
-            if last_error is not None and phase in ("mail", "rcpt", "data", "after_data", "size"):
+            if not held[0]:
+                # A lease was lost (this worker stalled past it): what is still ours goes back,
+                # what another worker took is its own; this stream stops.
+                logger.warning(
+                    "A stream of %s lost its lease; %d message(s) given back",
+                    account.email,
+                    outbox.release_claims(untouched),
+                )
+                result.stop = True
+            elif last_error is not None and phase in (
+                "mail",
+                "rcpt",
+                "data",
+                "after_data",
+                "size",
+            ):
                 # Dropped mid-stream: the rest go back to due, for a fresh connection.
                 outbox.release_claims(untouched)
             else:  # the connection could not be opened: the same fate for every row
@@ -925,7 +951,7 @@ def stream_account(
             result = pipeline.deliver_batch(records, keep_alive=keeper)
             outcomes.update(result.outcomes)
             records = []
-            if result.stop:
+            if result.stop or keeper.lost:
                 return outcomes
             if not slots.renew(slot):
                 logger.warning("Lost the connection slot of %s; stopping its stream", address)
@@ -935,8 +961,12 @@ def stream_account(
 class LeaseKeeper:
     """Renews a stream's leases while it sends: its claimed rows' (``SENDING_LEASE``) and its
     connection slot's (``CONNECTION_LEASE``), every third of the shorter one, so that a batch
-    slower than a lease (slow replies, a long batch) is never re-queued or taken over under
-    it. A failed renewal is logged, not raised: the stream goes on and records what happens."""
+    slower than a lease (slow replies, a long batch) is not re-queued or taken over under it.
+
+    Called with the rows not settled yet; answers False once a lease was lost (a row or the
+    slot was taken over, after this worker stalled past its lease): the stream then stops. A
+    renewal that fails (the database unreachable) is logged and the stream goes on: it cannot
+    tell, and the sweeper only re-queues what has been unrenewed for a whole lease."""
 
     def __init__(self, slot: slots.Slot | None) -> None:
         lease = float(get_setting("SENDING_LEASE"))
@@ -945,18 +975,25 @@ class LeaseKeeper:
         self.slot = slot
         self.every = lease / 3
         self.due = time.monotonic() + self.every
+        self.lost = False
 
-    def __call__(self, records: Sequence[outbox.OutboxRecord]) -> None:
+    def __call__(self, records: Sequence[outbox.OutboxRecord]) -> bool:
         now = time.monotonic()
-        if now < self.due:
-            return
+        if self.lost or now < self.due:
+            return not self.lost
         self.due = now + self.every
         try:
-            outbox.renew_claims(records)
-            if self.slot is not None:
-                slots.renew(self.slot)
-        except DatabaseError:
-            logger.warning("Could not renew the leases of a stream; it goes on", exc_info=True)
+            if outbox.renew_claims(records) < len(records):
+                self.lost = True
+        except DbError:
+            logger.warning("Could not renew the leases of a stream's mail", exc_info=True)
+        if self.slot is not None:
+            try:
+                if not slots.renew(self.slot):
+                    self.lost = True
+            except DbError:
+                logger.warning("Could not renew a stream's connection slot", exc_info=True)
+        return not self.lost
 
 
 def _defer_broken_mailer(
@@ -997,6 +1034,14 @@ __all__ = [
     "refuse_oversized",
     "retry_delay",
 ]
+
+
+def _while(proceed: Callable[[], bool], envelopes: Iterable[Envelope]) -> Iterator[Envelope]:
+    """``envelopes``, as long as ``proceed()`` says so (asked before each one)."""
+    for envelope in envelopes:
+        if not proceed():
+            return
+        yield envelope
 
 
 _TAKES_ON_WAIT: dict[Any, bool] = {}

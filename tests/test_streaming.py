@@ -371,3 +371,48 @@ def test_a_stream_slower_than_the_lease_keeps_its_rows_and_its_slot(
     assert dispatched == [(row.pk, None) for row in OutboundEmail.objects.order_by("pk")]
     assert delivered_subjects(sandbox) == [f"m{i}" for i in range(8)]
     assert {(row.status, row.log.count()) for row in rows().values()} == {(Status.SENT, 1)}
+
+
+def test_a_stream_that_lost_a_lease_finishes_the_message_in_flight_and_gives_back_the_rest(
+    account, sandbox, pool, dispatched, settings, caplog
+):
+    # The database says another worker took m6 over (as after this worker stalled past its
+    # lease): at its next renewal the stream notices, finishes the message in flight, gives
+    # back what is still its own and never sends m6, whose envelope it already had.
+    with_keys(settings, SENDING_LEASE=1)
+    first = queue(8)[0]
+    sandbox.fault("data", delay=0.3, times=None)
+    m1_in, taken = threading.Event(), threading.Event()
+
+    def on_delivery(delivered):
+        if delivered.subject == "m1":
+            m1_in.set()
+
+    def take_over() -> None:
+        try:
+            if m1_in.wait(30):
+                OutboundEmail.objects.filter(subject="m6").update(claimed_by="another-worker")
+                taken.set()
+        finally:
+            connection.close()
+
+    sandbox._state.on_delivery = on_delivery
+    thread = threading.Thread(target=take_over)
+    thread.start()
+    try:
+        outcome = outbox.deliver(first.pk, pool=pool, stream=True)
+    finally:
+        m1_in.set()
+        thread.join(30)
+    assert taken.is_set() and outcome == Outcome.SENT
+    assert "lost its lease" in caplog.text
+    # The rows it gave back were due again and went out once, in a fresh stream (with fresh
+    # leases); m6 stays with the worker that took it.
+    assert sorted(delivered_subjects(sandbox)) == [f"m{i}" for i in range(8) if i != 6]
+    by_subject = rows()
+    assert (by_subject["m6"].status, by_subject["m6"].claimed_by) == (
+        Status.SENDING,
+        "another-worker",
+    )
+    assert {by_subject[f"m{i}"].status for i in range(8) if i != 6} == {Status.SENT}
+    assert all(row.log.count() == 1 for subject, row in by_subject.items() if subject != "m6")
