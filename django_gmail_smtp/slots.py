@@ -14,7 +14,8 @@ once more (and hands what it finds to Celery), so no row waits unseen. The lease
 ``CONNECTION_LEASE`` but never longer than ``SENDING_LEASE``.
 
 Row locks work the same on SQLite and PostgreSQL, so no Redis is needed. The lease is measured
-by the clock of the process that takes the slot: across machines, keep their clocks in sync.
+by the ledger database's clock (:func:`~django_gmail_smtp.clock.db_now`), the same for every
+process, whatever each machine's own clock says.
 """
 
 from __future__ import annotations

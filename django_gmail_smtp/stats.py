@@ -183,13 +183,17 @@ def waiting_too_long(now: datetime | None = None) -> Q:
     """Rows that should have been sent by now: queued (and due) for longer than
     :func:`overdue_after`, deferred past their next attempt by as much, or left "sending" by
     a worker whose lease ran out that long ago. Usually no worker runs, or the broker is down."""
+    from .outbox import lease_now
+
     limit = (now or timezone.now()) - overdue_after()
+    # Leases are set on the database's clock (outbox.lease_now): compare them with it.
+    lease_limit = (now or lease_now()) - overdue_after()
     Status = OutboundEmail.Status
     return (
         Q(status=Status.QUEUED, updated_at__lt=limit)
         & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lt=limit))
         | Q(status=Status.DEFERRED, next_attempt_at__lt=limit)
-        | Q(status=Status.SENDING, lease_expires_at__lt=limit)
+        | Q(status=Status.SENDING, lease_expires_at__lt=lease_limit)
     )
 
 
