@@ -20,6 +20,7 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import Count
+from django.db.models.functions import Coalesce
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -66,11 +67,14 @@ def record_bounce(bounce: Bounce, outbound: OutboundEmail | None) -> Campaign | 
     if bounce.kind == BounceKind.HARD:
         why = Suppression.Reason.HARD_BOUNCE
     else:
-        soft = Bounce.objects.filter(
-            recipient=email,
-            kind=BounceKind.SOFT,
-            created_at__gte=timezone.now() - SOFT_BOUNCE_WINDOW,
-        ).count()
+        # By the report's own date when it has one: a first read of an inbox (or one after a
+        # UIDVALIDITY change) stores old reports today.
+        soft = (
+            Bounce.objects.filter(recipient=email, kind=BounceKind.SOFT)
+            .annotate(at=Coalesce("reported_at", "created_at"))
+            .filter(at__gte=timezone.now() - SOFT_BOUNCE_WINDOW)
+            .count()
+        )
         if soft < int(get_setting("BOUNCE_SOFT_LIMIT")):
             return campaign
         why = Suppression.Reason.SOFT_BOUNCE

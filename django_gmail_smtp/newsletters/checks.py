@@ -55,7 +55,7 @@ def check_audiences(app_configs: Any = None, **kwargs: Any) -> list:
     for name, path in sorted(audiences.items()):
         try:
             target = import_string(path)
-        except ImportError as exc:
+        except Exception as exc:  # ImportError, or the module's own error at import
             problems.append(
                 Error(
                     f'GMAIL_SMTP["NEWSLETTER_AUDIENCES"][{name!r}] is {path!r}, which cannot be '

@@ -22,6 +22,7 @@ from urllib.parse import unquote
 
 from ..bounces.reader import InboxHandler, register_inbox_handler
 from ..models import GmailAccount
+from .tokens import read_test_unsubscribe_token
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,14 @@ def handle_unsubscribe_email(account: GmailAccount, message: EmailMessage) -> bo
     if token is None:
         return False  # a person's own mail that mentions unsubscribing: not ours to act on
     sender = parseaddr(str(message.get("From", "")))[1] or "an unknown sender"
+    if read_test_unsubscribe_token(token) is not None:
+        logger.info(
+            "An unsubscribe email from %s in the inbox of %s answers a test send: nothing "
+            "changed, and it is left in the inbox",
+            sender,
+            account.email,
+        )
+        return False
     if not unsubscribe(token, how=UnsubscribeMethod.MAILTO):
         logger.warning(
             "An unsubscribe email from %s in the inbox of %s carries a token that is not "
