@@ -553,8 +553,8 @@ def test_a_stream_whose_slot_is_taken_over_finishes_its_batch_and_leaves_the_res
 @pytest.fixture
 def worker_process(settings):
     """This process as a Celery worker process: its transports, its keeper thread keeping an
-    account's connection warm (idle for 1 s). Both are stopped after the test."""
-    with_keys(settings, CONNECTION_IDLE=1)
+    account's connection warm (idle for 5 s). Both are stopped after the test."""
+    with_keys(settings, CONNECTION_IDLE=5)
     yield
     wait_for(lambda: tasks._keeper is None, 30, "the keeper thread to stop")
     tasks._close_pool()
@@ -570,8 +570,8 @@ def test_a_warm_connection_whose_slot_was_taken_over_sends_nothing_more(
         )
         == Outcome.SENT
     )
-    assert SENDER in tasks._warm
     with tasks._lock:  # the process is busy with another account's task: its keeper waits
+        assert SENDER in tasks._warm  # (checked under the lock: still warm, not let go yet)
         take_over()  # meanwhile the warm slot's lease runs out and another worker takes it
         (late,) = queue(1, prefix="late")
     wait_for(lambda: tasks._keeper is None, 30, "the keeper thread to let the account go")
@@ -843,7 +843,8 @@ def test_two_streams_of_one_account_under_faults_send_each_message_once(
 
 #: A Celery app whose worker processes' clock (``django.utils.timezone.now``) is off by
 #: GMAIL_SMTP_TEST_SKEW seconds. (``GMAIL_SMTP_TEST_CLOCK_FILE`` only moves the quota clock,
-#: which reads the database's time anyway; leases are computed from the process's clock.)
+#: which reads the database's time anyway; what matters here is everything else the worker
+#: times with its own clock, which must not decide a lease.)
 SKEWED_APP = """
 import os
 from datetime import timedelta

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import smtplib
 import threading
+import time
 from itertools import pairwise
 
 import pytest
@@ -340,7 +341,7 @@ def test_a_row_whose_account_connection_another_worker_holds_is_left_to_it(
 
 
 def test_a_stream_slower_than_the_lease_keeps_its_rows_and_its_slot(
-    account, sandbox, pool, dispatched, settings
+    account, sandbox, pool, dispatched, settings, caplog
 ):
     # 8 messages at 0.3 s each take longer than a 1 s lease: the stream renews its rows'
     # leases (and its connection slot's) while it sends, so a sweeper never re-queues a row
@@ -348,13 +349,16 @@ def test_a_stream_slower_than_the_lease_keeps_its_rows_and_its_slot(
     with_keys(settings, SENDING_LEASE=1)
     first = queue(8)[0]
     sandbox.fault("data", delay=0.3, times=None)
-    swept: list[dict[str, int]] = []
+    swept: list[tuple[float, dict[str, int], int]] = []  # (when, counts, rows still sending)
     done = threading.Event()
+    started = time.monotonic()
 
     def sweeper() -> None:
         try:
             while not done.wait(0.1):
-                swept.append(outbox.sweep())
+                counts = outbox.sweep()
+                sending = OutboundEmail.objects.filter(status=Status.SENDING).count()
+                swept.append((time.monotonic() - started, counts, sending))
         finally:
             connection.close()
 
@@ -366,8 +370,11 @@ def test_a_stream_slower_than_the_lease_keeps_its_rows_and_its_slot(
         done.set()
         thread.join(30)
     assert outcome == Outcome.SENT
-    assert len(swept) > 20  # the sweeper ran all along
-    assert sum(counts["expired_leases"] for counts in swept) == 0
+    # The sweeper ran while rows were still being sent well past their first lease (1 s) ...
+    assert any(at > 1.5 and sending for at, _counts, sending in swept), swept
+    # ... and re-queued none of them; the stream never lost its slot or a lease.
+    assert sum(counts["expired_leases"] for _at, counts, _sending in swept) == 0
+    assert "Lost the connection slot" not in caplog.text and "lost its lease" not in caplog.text
     assert dispatched == [(row.pk, None) for row in OutboundEmail.objects.order_by("pk")]
     assert delivered_subjects(sandbox) == [f"m{i}" for i in range(8)]
     assert {(row.status, row.log.count()) for row in rows().values()} == {(Status.SENT, 1)}
