@@ -166,3 +166,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = 
 def all_sent(n: int) -> Callable[[], bool]:
     """True once exactly ``n`` rows are sent."""
     return lambda: OutboundEmail.objects.filter(status=OutboundEmail.Status.SENT).count() == n
+
+
+def arm_after(sandbox: GmailSandbox, subject: str, **fault: Any) -> None:
+    """Script ``fault`` once the message ``subject`` was accepted: it fires on the messages
+    streamed after it."""
+
+    def on_delivery(accepted: Any) -> None:
+        if accepted.subject == subject:
+            sandbox.fault(**fault)
+
+    sandbox._state.on_delivery = on_delivery

@@ -37,8 +37,8 @@ from django_gmail_smtp.testing.server import GMAIL_SIZE_LIMIT, GmailSMTP
 from django_gmail_smtp.transport import ConnectionPool, SendResult
 
 from .conftest import SENDER
+from .db_faults import kill_connection, marks_sent, raw_connection
 from .factories import make_due, queued_row, wait_until, with_keys
-from .processes import wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -58,14 +58,6 @@ def message(subject: str = "s", to: list[str] | None = None) -> EmailMessage:
     return EmailMessage(subject, "body", SENDER, to or ["to@example.net"])
 
 
-def raw_connection():
-    """A second, independent connection to the test database (DB-API, autocommit)."""
-    raw = connection.get_new_connection(connection.get_connection_params())
-    if connection.vendor == "postgresql":
-        raw.autocommit = True
-    return raw
-
-
 def read_status(raw, pk: int) -> str:
     """The row's status as another connection sees it (committed data only)."""
     mark = "%s" if connection.vendor == "postgresql" else "?"
@@ -78,35 +70,6 @@ def read_status(raw, pk: int) -> str:
     if connection.vendor == "sqlite":
         raw.rollback()  # end the read transaction sqlite3 may have opened
     return status
-
-
-def kill_connection(conn) -> None:
-    """Lose ``conn``'s database connection: PostgreSQL terminates its backend (as an operator
-    or a failover does); SQLite, which has no server, gets the driver's error instead."""
-    if conn.vendor != "postgresql":
-        raise OperationalError("the database connection was lost (simulated)")
-    raw = conn.connection
-    pid = raw.info.backend_pid if hasattr(raw, "info") else raw.get_backend_pid()
-    killer = raw_connection()
-    try:
-        cursor = killer.cursor()
-        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
-
-        def gone() -> bool:  # the backend exits asynchronously
-            cursor.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid])
-            return cursor.fetchone() is None
-
-        wait_for(gone, 10, f"backend {pid} to be terminated")
-    finally:
-        killer.close()
-
-
-def marks_sent(sql: str, params) -> bool:
-    return (
-        sql.lstrip().upper().startswith("UPDATE")
-        and OutboundEmail._meta.db_table in sql
-        and Status.SENT in (params or ())
-    )
 
 
 # --- item 6: the outcome is recorded atomically, and survives a lost connection ------------------

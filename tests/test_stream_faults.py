@@ -36,7 +36,8 @@ from django_gmail_smtp.testing.smtp import GmailSMTP
 from django_gmail_smtp.transport import ConnectionPool
 
 from .conftest import SENDER
-from .factories import all_sent, make_due, wait_until, with_keys
+from .db_faults import kill_connection, marks_sent, raw_connection
+from .factories import all_sent, arm_after, make_due, wait_until, with_keys
 from .processes import ROOT, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -68,16 +69,6 @@ def log(row: OutboundEmail) -> list[str]:
 def delivered(sandbox) -> Counter:
     """How many times the sandbox accepted each subject."""
     return Counter(d.subject for d in sandbox.deliveries)
-
-
-def arm_after(sandbox, subject: str, **fault) -> None:
-    """Script ``fault`` once ``subject`` was accepted: it fires on the messages after it."""
-
-    def on_delivery(accepted):
-        if accepted.subject == subject:
-            sandbox.fault(**fault)
-
-    sandbox._state.on_delivery = on_delivery
 
 
 def in_thread(work):
@@ -125,43 +116,6 @@ def is_claim(sql: str, params) -> bool:
         and bool(params)
         and params[0] == Status.SENDING
     )
-
-
-def marks_sent(sql: str, params) -> bool:
-    return (
-        sql.lstrip().upper().startswith("UPDATE")
-        and OutboundEmail._meta.db_table in sql
-        and Status.SENT in (params or ())
-    )
-
-
-def raw_connection():
-    """A second, independent connection to the test database (DB-API, autocommit)."""
-    raw = connection.get_new_connection(connection.get_connection_params())
-    if connection.vendor == "postgresql":
-        raw.autocommit = True
-    return raw
-
-
-def kill_connection(conn) -> None:
-    """Lose ``conn``'s database connection: PostgreSQL terminates its backend (as an operator
-    or a failover does); SQLite, which has no server, gets the driver's error instead."""
-    if conn.vendor != "postgresql":
-        raise OperationalError("the database connection was lost (simulated)")
-    raw = conn.connection
-    pid = raw.info.backend_pid
-    killer = raw_connection()
-    try:
-        cursor = killer.cursor()
-        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
-
-        def gone() -> bool:  # the backend exits asynchronously
-            cursor.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid])
-            return cursor.fetchone() is None
-
-        wait_for(gone, 10, f"backend {pid} to be terminated")
-    finally:
-        killer.close()
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from django_gmail_smtp.testing.replies import Replies
 from django_gmail_smtp.transport import ConnectionPool, SendResult
 
 from .conftest import SENDER
-from .factories import with_keys
+from .factories import arm_after, with_keys
 from .processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -48,16 +48,6 @@ def rows() -> dict[str, OutboundEmail]:
 
 def delivered_subjects(sandbox) -> list[str]:
     return [d.subject for d in sandbox.deliveries]
-
-
-def arm_after(sandbox, subject: str, **fault) -> None:
-    """Script ``fault`` to fire on the messages streamed after ``subject`` was accepted."""
-
-    def on_delivery(delivered):
-        if delivered.subject == subject:
-            sandbox.fault(**fault)
-
-    sandbox._state.on_delivery = on_delivery
 
 
 @pytest.fixture
