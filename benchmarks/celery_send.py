@@ -155,46 +155,29 @@ def with_django(
 
     django.setup()
     from django.conf import settings
-    from django.db import connection, connections
-    from django.test.utils import setup_test_environment, teardown_test_environment
 
     from benchmarks.celery_app import app
+    from benchmarks.testdb import test_database
 
-    test_settings = connection.settings_dict.setdefault("TEST", {})
-    if connection.vendor == "sqlite":
-        test_settings["NAME"] = str(tmp / "celery_send.sqlite3")
-    else:
-        test_settings["NAME"] = f"test_gmail_smtp_bench_celery_{os.getpid()}"
-    setup_test_environment()
-    log("Creating the test database...")
-    old_name = connection.creation.create_test_db(
-        verbosity=0, autoclobber=True, serialize=False, keepdb=False
-    )
-    for alias in connections:  # aliases that mirror "default" in tests (TEST MIRROR) too
-        if connections[alias].settings_dict.get("TEST", {}).get("MIRROR") == "default":
-            connections[alias].creation.set_as_test_mirror(connection.settings_dict)
     queues = {
         "part1": {"transactional": f"bench.{tag}.p1.t", "bulk": f"bench.{tag}.p1.b"},
         "part2": {"transactional": f"bench.{tag}.p2.t", "bulk": f"bench.{tag}.p2.b"},
     }
-    try:
-        settings.GMAIL_SMTP = {
-            **settings.GMAIL_SMTP,
-            **sandbox.settings(),
-            "HOST": "127.0.0.1",
-            "PORT": proxy.port,
-            "SECURITY": "starttls",
-            "CA_FILE": sandbox.ca_file,
-        }
-        return run(args, tmp, sandbox, proxy, queues)
-    finally:
-        names = [name for group in queues.values() for name in group.values()]
-        names.append(os.environ["BENCH_BASELINE_QUEUE"])
-        remove_queues(app, names, tag)
-        log("Destroying the test database...")
-        connection.close()
-        connection.creation.destroy_test_db(old_name, verbosity=0, keepdb=False)
-        teardown_test_environment()
+    with test_database(tmp / "celery_send.sqlite3", "celery", log=log):
+        try:
+            settings.GMAIL_SMTP = {
+                **settings.GMAIL_SMTP,
+                **sandbox.settings(),
+                "HOST": "127.0.0.1",
+                "PORT": proxy.port,
+                "SECURITY": "starttls",
+                "CA_FILE": sandbox.ca_file,
+            }
+            return run(args, tmp, sandbox, proxy, queues)
+        finally:
+            names = [name for group in queues.values() for name in group.values()]
+            names.append(os.environ["BENCH_BASELINE_QUEUE"])
+            remove_queues(app, names, tag)
 
 
 def remove_queues(app, names: list[str], tag: str) -> None:

@@ -167,21 +167,6 @@ def has_post_office() -> bool:
     return apps.is_installed("post_office")
 
 
-def database_label() -> str:
-    from django.db import connection
-
-    settings_dict = connection.settings_dict
-    if connection.vendor == "postgresql":
-        connection.ensure_connection()
-        version = connection.connection.info.server_version
-        where = f"{settings_dict.get('HOST') or 'socket'}:{settings_dict.get('PORT') or 5432}"
-        name = settings_dict["NAME"]
-        return f"PostgreSQL {version // 10000}.{version % 10000} at {where}, db {name}"
-    import sqlite3
-
-    return f"SQLite {sqlite3.sqlite_version}, file {settings_dict['NAME']}"
-
-
 # --- set-up --------------------------------------------------------------------------------------
 
 
@@ -222,6 +207,45 @@ def bulk_rows(model: Any, columns: list[str], rows: Iterable[tuple], label: str)
     return done
 
 
+def insert_subscribers(mailing_list: Any, n: int, *, fields: dict[str, str]) -> int:
+    """``n`` active subscribers of ``mailing_list`` (imported from a CSV), inserted fast."""
+    from django_gmail_smtp.newsletters.models import Subscriber
+
+    now = datetime.now(UTC)
+    merge = json.dumps(fields)
+    return bulk_rows(
+        Subscriber,
+        [
+            "mailing_list",
+            "email",
+            "name",
+            "fields",
+            "status",
+            "consent_at",
+            "consent_method",
+            "consent_source",
+            "created_at",
+            "updated_at",
+        ],
+        (
+            (
+                mailing_list.pk,
+                subscriber_email(i),
+                f"Reader {i}",
+                merge,
+                Subscriber.Status.ACTIVE,
+                now,
+                Subscriber.Consent.IMPORT,
+                "bench.csv",
+                now,
+                now,
+            )
+            for i in range(n)
+        ),
+        "subscribers",
+    )
+
+
 def analyze(*models: Any) -> None:
     """Refresh planner statistics, as PostgreSQL's autovacuum would after a bulk load."""
     from django.db import connection
@@ -256,37 +280,7 @@ def build_world(args: argparse.Namespace) -> World:
     now = datetime.now(UTC)
     n = args.subscribers
     log(f"Set-up: {n:,} active subscribers, {n // 100:,} suppressed addresses, {n:,} users")
-    bulk_rows(
-        Subscriber,
-        [
-            "mailing_list",
-            "email",
-            "name",
-            "fields",
-            "status",
-            "consent_at",
-            "consent_method",
-            "consent_source",
-            "created_at",
-            "updated_at",
-        ],
-        (
-            (
-                mailing_list.pk,
-                subscriber_email(i),
-                f"Reader {i}",
-                json.dumps({"city": "Lyon"}),
-                Subscriber.Status.ACTIVE,
-                now,
-                Subscriber.Consent.IMPORT,
-                "bench.csv",
-                now,
-                now,
-            )
-            for i in range(n)
-        ),
-        "subscribers",
-    )
+    insert_subscribers(mailing_list, n, fields={"city": "Lyon"})
     bulk_rows(
         Suppression,
         ["email", "reason", "detail", "created_at"],
@@ -976,33 +970,15 @@ def main() -> int:
 
 def with_database(args: argparse.Namespace, tmp: Path, queues: dict[str, str]) -> int:
     setup_django()
-    from django.db import connection, connections
-    from django.test.utils import setup_test_environment, teardown_test_environment
-
+    from benchmarks.testdb import test_database
     from django_gmail_smtp import quota
 
-    test_settings = connection.settings_dict.setdefault("TEST", {})
-    if connection.vendor == "sqlite":
-        test_settings["NAME"] = str(tmp / "newsletters.sqlite3")
-    else:
-        test_settings["NAME"] = f"test_gmail_smtp_bench_newsletters_{os.getpid()}"
-    setup_test_environment()
-    log("Creating the test database...")
-    old_name = connection.creation.create_test_db(
-        verbosity=0, autoclobber=True, serialize=False, keepdb=False
-    )
-    for alias in connections:  # aliases that mirror "default" in tests (TEST MIRROR) too
-        if connections[alias].settings_dict.get("TEST", {}).get("MIRROR") == "default":
-            connections[alias].creation.set_as_test_mirror(connection.settings_dict)
-    try:
-        run(args)
-    finally:
-        quota.set_clock(None)
-        remove_queues(list(queues.values()))
-        log("Destroying the test database...")
-        connection.close()
-        connection.creation.destroy_test_db(old_name, verbosity=0, keepdb=False)
-        teardown_test_environment()
+    with test_database(tmp / "newsletters.sqlite3", "newsletters", log=log):
+        try:
+            run(args)
+        finally:
+            quota.set_clock(None)
+            remove_queues(list(queues.values()))
     return 0
 
 
@@ -1026,6 +1002,7 @@ def run(args: argparse.Namespace) -> None:
     from django.conf import settings
     from django.db.models import Count
 
+    from benchmarks.testdb import database_label
     from django_gmail_smtp.newsletters.models import Campaign, CampaignRecipient
 
     db = database_label()

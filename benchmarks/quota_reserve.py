@@ -56,11 +56,10 @@ django.setup()
 from django.db import connection, transaction  # noqa: E402
 from django.test.utils import (  # noqa: E402
     CaptureQueriesContext,
-    setup_test_environment,
-    teardown_test_environment,
 )
 from django.utils import timezone  # noqa: E402
 
+from benchmarks.testdb import database_label, test_database  # noqa: E402
 from django_gmail_smtp import quota  # noqa: E402
 from django_gmail_smtp.models import GmailAccount, QuotaBucket, SenderQuota  # noqa: E402
 
@@ -237,28 +236,6 @@ def verdict(ratio: float) -> str:
     return "PASS" if ratio <= TARGET else "MISS"
 
 
-def database_label() -> str:
-    settings_dict = connection.settings_dict
-    if connection.vendor == "postgresql":
-        connection.ensure_connection()
-        version = connection.connection.info.server_version
-        where = f"{settings_dict.get('HOST') or 'socket'}:{settings_dict.get('PORT') or 5432}"
-        name = settings_dict["NAME"]
-        return f"PostgreSQL {version // 10000}.{version % 10000} at {where}, db {name}"
-    import sqlite3
-
-    return f"SQLite {sqlite3.sqlite_version}, file {settings_dict['NAME']}"
-
-
-def mirror_test_database() -> None:
-    """Point aliases that mirror "default" in tests (TEST MIRROR) at the test database too."""
-    from django.db import connections
-
-    for alias in connections:
-        if connections[alias].settings_dict.get("TEST", {}).get("MIRROR") == "default":
-            connections[alias].creation.set_as_test_mirror(connection.settings_dict)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reserves", type=int, default=2000)
@@ -268,28 +245,15 @@ def main() -> int:
     # A plain `kill` unwinds like Ctrl-C, so the cleanup below still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    tmpdir = None
-    test_settings = connection.settings_dict.setdefault("TEST", {})
-    if connection.vendor == "sqlite":
-        tmpdir = tempfile.mkdtemp(prefix="gmail_smtp_bench_")
-        test_settings["NAME"] = os.path.join(tmpdir, "quota_reserve.sqlite3")
-    else:
-        test_settings["NAME"] = f"test_gmail_smtp_bench_quota_{os.getpid()}"
-    setup_test_environment()
-    log("Creating the test database...")
-    old_name = connection.creation.create_test_db(
-        verbosity=0, autoclobber=True, serialize=False, keepdb=False
-    )
-    mirror_test_database()
+    tmpdir = tempfile.mkdtemp(prefix="gmail_smtp_bench_")
     try:
-        run(args)
+        with test_database(os.path.join(tmpdir, "quota_reserve.sqlite3"), "quota", log=log):
+            try:
+                run(args)
+            finally:
+                quota.set_clock(None)
     finally:
-        quota.set_clock(None)
-        log("Destroying the test database...")
-        connection.creation.destroy_test_db(old_name, verbosity=0, keepdb=False)
-        teardown_test_environment()
-        if tmpdir:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return 0
 
 

@@ -212,49 +212,34 @@ def django_database(bench: Bench) -> Iterator[None]:
 
     django.setup()
     from django.conf import settings
-    from django.db import connection, connections
-    from django.test.utils import setup_test_environment, teardown_test_environment
 
     import benchmarks.celery_app  # noqa: F401  (the Celery app the backends publish with)
+    from benchmarks.testdb import test_database
 
-    test_settings = connection.settings_dict.setdefault("TEST", {})
-    if connection.vendor == "sqlite":
-        test_settings["NAME"] = str(bench.tmp / "bench.sqlite3")
-    else:
-        test_settings["NAME"] = f"test_gmail_smtp_bench_{os.getpid()}"
-    setup_test_environment()
-    old_name = connection.creation.create_test_db(
-        verbosity=0, autoclobber=True, serialize=False, keepdb=False
-    )
-    for alias in connections:  # aliases that mirror "default" in tests (TEST MIRROR) too
-        if connections[alias].settings_dict.get("TEST", {}).get("MIRROR") == "default":
-            connections[alias].creation.set_as_test_mirror(connection.settings_dict)
-    try:
-        settings.GMAIL_SMTP = {
-            **settings.GMAIL_SMTP,
-            **bench.sandbox.settings(),
-            "HOST": "127.0.0.1",
-            "PORT": bench.port,
-            "SECURITY": "starttls",
-            "CA_FILE": bench.sandbox.ca_file,
-            "QUEUES": bench.queues,
-        }
-        from django_gmail_smtp.models import GmailAccount
+    with test_database(bench.tmp / "bench.sqlite3", "run"):
+        try:
+            settings.GMAIL_SMTP = {
+                **settings.GMAIL_SMTP,
+                **bench.sandbox.settings(),
+                "HOST": "127.0.0.1",
+                "PORT": bench.port,
+                "SECURITY": "starttls",
+                "CA_FILE": bench.sandbox.ca_file,
+                "QUEUES": bench.queues,
+            }
+            from django_gmail_smtp.models import GmailAccount
 
-        GmailAccount.objects.create(
-            email=SENDER,
-            app_password=APP_PASSWORD,
-            limits_preset="workspace",
-            daily_limit=10_000_000,  # the benchmark is about speed, not the quota
-            daily_recipient_limit=100_000_000,
-            is_default=True,
-        )
-        yield
-    finally:
-        remove_queues([*bench.queues.values(), bench.baseline_queue], bench.tag)
-        connection.close()
-        connection.creation.destroy_test_db(old_name, verbosity=0, keepdb=False)
-        teardown_test_environment()
+            GmailAccount.objects.create(
+                email=SENDER,
+                app_password=APP_PASSWORD,
+                limits_preset="workspace",
+                daily_limit=10_000_000,  # the benchmark is about speed, not the quota
+                daily_recipient_limit=100_000_000,
+                is_default=True,
+            )
+            yield
+        finally:
+            remove_queues([*bench.queues.values(), bench.baseline_queue], bench.tag)
 
 
 def remove_queues(names: list[str], tag: str) -> None:
@@ -842,42 +827,11 @@ def bulk_100k(bench: Bench, n: int) -> dict[str, float]:
 def enrol_100k(bench: Bench, n: int) -> dict[str, float]:
     """The issue's other bulk path: a newsletter's recipients are enrolled in one statement
     set; each message is rendered and queued later, at the planner's pace."""
-    from benchmarks.newsletters import HTML, SUBJECT, TEXT, bulk_rows, subscriber_email
-    from django_gmail_smtp.newsletters.models import Campaign, MailingList, Subscriber
+    from benchmarks.newsletters import HTML, SUBJECT, TEXT, insert_subscribers
+    from django_gmail_smtp.newsletters.models import Campaign, MailingList
 
     mailing_list = MailingList.objects.create(name="Bench", slug="bench", from_email=SENDER)
-    now = datetime.now(timezone.utc)
-    bulk_rows(
-        Subscriber,
-        [
-            "mailing_list",
-            "email",
-            "name",
-            "fields",
-            "status",
-            "consent_at",
-            "consent_method",
-            "consent_source",
-            "created_at",
-            "updated_at",
-        ],
-        (
-            (
-                mailing_list.pk,
-                subscriber_email(i),
-                f"Reader {i}",
-                "{}",
-                Subscriber.Status.ACTIVE,
-                now,
-                Subscriber.Consent.IMPORT,
-                "bench.csv",
-                now,
-                now,
-            )
-            for i in range(n)
-        ),
-        "subscribers",
-    )
+    insert_subscribers(mailing_list, n, fields={})
     campaign = Campaign.objects.create(
         name="Bench",
         mailing_list=mailing_list,
