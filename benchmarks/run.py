@@ -672,6 +672,8 @@ def caller_case(bench: Bench, n: int) -> dict[str, float]:
     from django.test.utils import CaptureQueriesContext
     from post_office import mail as post_office_mail
 
+    from django_gmail_smtp import publisher
+
     paths = {"ours": CELERY, "post_office": POST_OFFICE, "celery_email": CELERY_EMAIL}
     times: dict[str, list[float]] = {name: [] for name in paths}
     warmup = 20
@@ -682,8 +684,12 @@ def caller_case(bench: Bench, n: int) -> dict[str, float]:
                 f"Caller #{i}", BODY, SENDER, [recipient(i)], connection=get_connection(path)
             )
             elapsed = time.perf_counter() - started
-            if name == "ours" and sent != 1:
-                raise RuntimeError(f"{path} returned {sent}")
+            if name == "ours":
+                if sent != 1:
+                    raise RuntimeError(f"{path} returned {sent}")
+                # Its publisher thread finishes before the peers are timed: its work is not
+                # charged to them (nor hidden in their calls).
+                publisher.wait_published(30)
             if i >= warmup:
                 times[name].append(elapsed)
     with CaptureQueriesContext(connection) as queries:
@@ -711,15 +717,18 @@ def caller_case(bench: Bench, n: int) -> dict[str, float]:
 
 def caller_profile(n: int) -> dict[str, float]:
     """Where ours spends a send_mail(): medians of the message's build (Django's
-    ``message().as_bytes()``), the INSERT and its commit, and the hand-off to the broker."""
+    ``message().as_bytes()``), the INSERT and its commit, and the hand-off to the broker as the
+    caller sees it (``publisher.hand_over``: with ``PUBLISH_IN_BACKGROUND``, giving the ids to
+    the publisher thread), and the publish itself (in that thread)."""
     from django.core.mail import get_connection, send_mail
 
-    from django_gmail_smtp import outbox, routing
+    from django_gmail_smtp import outbox, publisher, routing
 
-    spent: dict[str, list[float]] = {"build": [], "write": [], "publish": []}
+    spent: dict[str, list[float]] = {"build": [], "write": [], "hand_over": [], "publish": []}
     originals = {
         "build": (routing, "_message_bytes"),
         "write": (outbox.OutboxWriter, "flush"),
+        "hand_over": (publisher, "hand_over"),
         "publish": (outbox, "publish"),
     }
 
@@ -741,14 +750,16 @@ def caller_profile(n: int) -> dict[str, float]:
             started = time.perf_counter()
             send_mail(f"P #{i}", BODY, SENDER, [recipient(i)], connection=get_connection(CELERY))
             spent.setdefault("total", []).append(time.perf_counter() - started)
+            publisher.wait_published(30)  # one at a time: each publish timed alone
     finally:
         for label, (owner, name) in originals.items():
             setattr(owner, name, saved[label])
-    # The flush includes the publish (on commit, in autocommit mode): report them apart.
-    write = [w - p for w, p in zip(spent["write"], spent["publish"], strict=False)]
+    # The flush includes the hand-off (on commit, in autocommit mode): report them apart.
+    write = [w - h for w, h in zip(spent["write"], spent["hand_over"], strict=True)]
     return {
         "ours_build_ms": statistics.median(spent["build"]) * 1000,
         "ours_insert_ms": statistics.median(write) * 1000,
+        "ours_hand_over_ms": statistics.median(spent["hand_over"]) * 1000,
         "ours_publish_ms": statistics.median(spent["publish"]) * 1000,
     }
 
@@ -758,7 +769,8 @@ CALLER_FIGURES = {
     "ours_p95_ms": "ours p95 ms",
     "ours_build_ms": "ours: message build ms",
     "ours_insert_ms": "ours: INSERT + commit ms",
-    "ours_publish_ms": "ours: publish ms",
+    "ours_hand_over_ms": "ours: hand-off on commit ms",
+    "ours_publish_ms": "ours: publish ms (publisher thread)",
     "post_office_p50_ms": "post_office p50 ms",
     "celery_email_p50_ms": "celery-email p50 ms",
     "ours_queries": "ours SQL statements",

@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_MAX_DELAY": 3600,  # longest wait between retries
     "MAX_ATTEMPTS": 8,  # temporary failures before a message is failed
     "SWEEP_GRACE": 60,  # seconds a queued row may wait for its task before it is re-enqueued
+    "PUBLISH_IN_BACKGROUND": True,  # hand committed rows to Celery from a thread, not the caller
     "SWEEP_INTERVAL": 60,  # seconds between sweeps in the ready beat schedule
     "SENDING_LEASE": 600,  # seconds a worker may hold a row in "sending" before it is re-queued
     "POOL_IDLE_CHECK": 30,  # seconds idle after which a pooled connection is probed (NOOP)
@@ -411,6 +412,14 @@ SETTINGS: dict[str, Setting] = {
             f"{_SECONDS} of at least 0 such as 60",
             _number(minimum=0),
             "Seconds a queued message may wait for its task before the sweeper re-enqueues it.",
+        ),
+        Setting(
+            "PUBLISH_IN_BACKGROUND",
+            "True or False (a bool, not a string)",
+            _bool,
+            "Hand committed messages to Celery from a thread of the caller's process, so that "
+            "send_mail() never waits for the broker (False: in the caller's thread, as its "
+            "transaction commits).",
         ),
         Setting(
             "SWEEP_INTERVAL",

@@ -13,7 +13,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from django_gmail_smtp import outbox
+from django_gmail_smtp import outbox, publisher
 from django_gmail_smtp.backends import CeleryGmailBackend
 from django_gmail_smtp.models import GmailAccount
 from django_gmail_smtp.testing import GmailSandbox
@@ -27,6 +27,14 @@ from .processes import CeleryWorker
 pytest_plugins = ["django_gmail_smtp.testing.pytest_plugin"]
 
 __all__ = ["ALIAS", "APP_PASSWORD", "SENDER"]  # imported by the test modules
+
+
+@pytest.fixture(autouse=True)
+def _handed_over():
+    """Every row a test queued is handed to Celery before the next test starts (the
+    publisher thread would otherwise publish one test's rows during the next)."""
+    yield
+    assert publisher.wait_published(timeout=30), "the publisher thread is stuck"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -129,8 +137,10 @@ def admin_client(client, staff):
 
 
 @pytest.fixture
-def dispatched(monkeypatch):
-    """Row ids handed to Celery (and their countdowns), instead of a broker."""
+def dispatched(monkeypatch, settings):
+    """Row ids handed to Celery (and their countdowns), instead of a broker (handed over in
+    the committing thread, so that they are there once the commit returns)."""
+    with_keys(settings, PUBLISH_IN_BACKGROUND=False)
     calls: list[tuple[int, float | None]] = []
     monkeypatch.setattr(
         outbox,

@@ -12,13 +12,13 @@ from django.core.mail import EmailMessage, send_mail
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from django_gmail_smtp import outbox, routing, services, tasks
+from django_gmail_smtp import outbox, publisher, routing, services, tasks
 from django_gmail_smtp.backends import CeleryGmailBackend
 from django_gmail_smtp.exceptions import HeaderInjection
 from django_gmail_smtp.models import GmailAccount, OutboundEmail
 
 from .conftest import SENDER
-from .factories import broker_down
+from .factories import broker_down, with_keys
 
 Status = OutboundEmail.Status
 OTHER = "other@example.com"
@@ -29,8 +29,10 @@ def message(i: int = 0, sender: str = SENDER, **kw) -> EmailMessage:
 
 
 @pytest.fixture
-def handed(monkeypatch):
-    """The batches freshly queued rows are handed to Celery in (instead of a broker)."""
+def handed(monkeypatch, settings):
+    """The batches freshly queued rows are handed to Celery in (instead of a broker), in the
+    committing thread."""
+    with_keys(settings, PUBLISH_IN_BACKGROUND=False)
     batches: list[list[tuple]] = []
     monkeypatch.setattr(outbox, "publish", lambda batch: batches.append(list(batch)) or len(batch))
     return batches
@@ -161,6 +163,8 @@ def test_broker_down_clears_enqueued_at_for_the_sweeper(outbox_settings, account
     caplog.set_level(logging.WARNING, logger="django_gmail_smtp.outbox")
     with broker_down():
         assert CeleryGmailBackend().send_messages([message(0), message(1), message(2)]) == 3
+        # The publisher thread hands them over (and fails to) after send_messages returned.
+        assert publisher.wait_published(timeout=30)
     rows = OutboundEmail.objects.all()
     assert len(rows) == 3
     assert all(r.status == Status.QUEUED and r.enqueued_at is None for r in rows)

@@ -10,7 +10,7 @@ import pytest
 from django.core.mail import EmailMessage, send_mail
 from django.db import transaction
 
-from django_gmail_smtp import outbox
+from django_gmail_smtp import outbox, publisher
 from django_gmail_smtp.models import OutboundEmail
 
 from .conftest import SENDER
@@ -139,6 +139,7 @@ def test_expired_access_token_is_refreshed(sandbox, start_worker, db):
 def test_broker_down_then_sweeper_sends(account, sandbox, start_worker):
     with broker_down():
         assert send_mail("broker down", "b", SENDER, ["to@example.net"]) == 1
+        assert publisher.wait_published(timeout=30)  # the thread's hand-off failed
     row = OutboundEmail.objects.get()
     assert row.status == Status.QUEUED and row.enqueued_at is None
     start_worker(beat=True)  # the beat schedule runs the sweeper

@@ -45,6 +45,7 @@ WRONG = {
     "OAUTH_REDIRECT_URI": ("/oauth/callback", "str"),
     "ENCRYPTION_KEYS": ([b"k" * 32, 7], "list"),
     "STRICT_FROM": ("False", "str"),
+    "PUBLISH_IN_BACKGROUND": ("yes", "str"),
     "MAX_RECIPIENTS_PER_MESSAGE": ("100", "str"),
     "TOKEN_REFRESH_MARGIN": ("5m", "str"),
     "QUOTA_DATABASE": (1, "int"),

@@ -1,0 +1,164 @@
+"""Hands freshly queued rows to Celery from a thread of the caller's process.
+
+When the caller's transaction commits, its rows are already in the outbox; handing their ids to
+the broker is a network round trip that a web request need not wait for. With
+``PUBLISH_IN_BACKGROUND`` (the default) the on-commit hook only appends the ids to this
+process's :class:`Publisher`, whose thread publishes whatever has gathered, many rows in one go
+when the site is busy (:func:`django_gmail_smtp.outbox.publish`). A broker that is slow or down
+then never holds up a request.
+
+Nothing is lost this way: the rows are committed before they are handed over. A hand-off that
+fails leaves them for the sweeper after ``SWEEP_GRACE`` (as before); a process that ends normally
+waits up to :data:`EXIT_WAIT` seconds for its thread to hand over what is pending; a process that
+is killed in the milliseconds between a commit and its hand-off leaves the rows queued, and the
+sweeper enqueues them after its "lost task" delay (10 x ``SWEEP_GRACE``, at least 5 minutes).
+
+The hand-off happens in the caller's thread, as each transaction commits, when
+``PUBLISH_IN_BACKGROUND`` is False, when Celery runs tasks eagerly (``task_always_eager``: the
+"hand-off" is then the send itself) and under uWSGI without ``enable-threads`` (whose workers
+never run a Python thread).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+
+from .conf import get_setting
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a process that exits waits for its thread to hand over the rows still pending.
+EXIT_WAIT = 10.0
+
+Batch = Sequence[tuple[int, str, str]]
+
+
+class Publisher:
+    """One thread per process that hands queued rows to Celery (started on first use, again in
+    a forked child: a parent's pending rows are the parent's to hand over)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: list[tuple[int, str, str]] = []
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        alive = self._thread is not None and self._thread.is_alive()
+        return f"<Publisher pending={len(self._pending)} busy={self._busy} running={alive}>"
+
+    def submit(self, batch: Batch) -> None:
+        """Queue these rows for the thread (which is started if need be); returns at once."""
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._start()
+            self._pending.extend(batch)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every row submitted so far was handed over (or its hand-off failed and
+        was logged); True unless ``timeout`` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._busy:
+                if self._thread is None or not self._thread.is_alive():
+                    return False  # nobody left to hand them over (a fork's copy, or shutdown)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gmail-smtp-publisher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from django.db import connections
+
+        from . import outbox  # looked up each time, so tests can replace outbox.publish
+
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+                self._busy = True
+            try:
+                outbox.publish(batch)
+            except Exception:  # publish() logs a broker outage itself; this is a bug
+                logger.exception(
+                    "Could not hand %d outbound email(s) to Celery; they stay queued and the "
+                    "sweeper will send them",
+                    len(batch),
+                )
+            finally:
+                # publish() touches the database only when a hand-off failed: do not keep a
+                # connection open in this thread between hand-offs.
+                connections.close_all()
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _at_exit(self) -> None:
+        with self._cond:
+            pending = len(self._pending) + self._busy
+        if pending and not self.wait(EXIT_WAIT):
+            logger.warning(
+                "Exiting with %d outbound email(s) not yet handed to Celery: they are queued, "
+                "and the sweeper enqueues them within 10 x SWEEP_GRACE (at least 5 minutes).",
+                len(self._pending),
+            )
+
+
+publisher = Publisher()
+atexit.register(publisher._at_exit)
+os.register_at_fork(after_in_child=publisher._reset)
+
+
+def in_background() -> bool:
+    """Whether committed rows are handed to Celery by the :class:`Publisher` thread."""
+    if not get_setting("PUBLISH_IN_BACKGROUND"):
+        return False
+    from .tasks import send_outbound_email
+
+    if send_outbound_email.app.conf.task_always_eager:
+        return False
+    return _threads_run()
+
+
+@functools.cache
+def _threads_run() -> bool:
+    """False under uWSGI started without threads (its workers never run a Python thread)."""
+    try:
+        import uwsgi  # type: ignore[import-not-found]  # only inside uWSGI
+    except ImportError:
+        return True
+    options = getattr(uwsgi, "opt", {})
+    return bool(options.get("enable-threads") or options.get("threads"))
+
+
+def hand_over(batch: Batch) -> None:
+    """Hand committed rows to Celery: through the thread, or here and now (see module)."""
+    if in_background():
+        publisher.submit(batch)
+    else:
+        from . import outbox
+
+        outbox.publish(batch)
+
+
+def wait_published(timeout: float | None = None) -> bool:
+    """Wait until the rows this process queued so far were handed to Celery; True unless
+    ``timeout`` seconds passed first. For scripts that must know, and for tests."""
+    return publisher.wait(timeout)

@@ -1,0 +1,222 @@
+"""The hand-off of committed rows to Celery from the publisher thread: the caller never waits
+for the broker, rows committed together or while a hand-off runs go over in one, nothing is
+left behind when the process exits or forks, and the caller's thread still hands over where a
+thread would not do (the setting off, eager Celery, uWSGI without threads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+
+import pytest
+from django.core.mail import EmailMessage
+from django.db import transaction
+
+from django_gmail_smtp import outbox, publisher
+from django_gmail_smtp.models import OutboundEmail
+
+from .conftest import SENDER
+from .factories import with_keys
+
+Status = OutboundEmail.Status
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Handoffs:
+    """Stands in for outbox.publish: records each batch and the thread it ran in, and can be
+    held (it then waits until released) to show what the caller does meanwhile."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: list[str] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        self.fail_next = False
+
+    def __call__(self, batch) -> int:
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the hand-off"
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("a bug in the hand-off")
+        self.batches.append([pk for pk, *_ in batch])
+        return len(batch)
+
+    def ids(self) -> list[int]:
+        return [pk for batch in self.batches for pk in batch]
+
+
+@pytest.fixture
+def handoffs(monkeypatch, outbox_settings, account):
+    fake = Handoffs()
+    monkeypatch.setattr(outbox, "publish", fake)
+    yield fake
+    fake.release.set()
+
+
+def queue(i: int) -> int:
+    message = EmailMessage(f"S{i}", "b", SENDER, [f"to{i}@example.net"])
+    assert message.send() == 1
+    return message.gmail_outbound_id
+
+
+def test_send_mail_returns_while_the_broker_hand_off_is_still_running(handoffs):
+    handoffs.release.clear()  # the broker "hangs"
+    first = queue(0)
+    assert handoffs.entered.wait(10)
+    # The caller is back, its row committed, though the hand-off has not finished.
+    assert OutboundEmail.objects.get(pk=first).status == Status.QUEUED
+    assert handoffs.batches == []
+    assert handoffs.threads == ["gmail-smtp-publisher"]
+    # What is committed meanwhile goes over together, in one hand-off, once it is free.
+    more = [queue(i) for i in (1, 2, 3)]
+    handoffs.release.set()
+    assert publisher.wait_published(timeout=30)
+    assert handoffs.batches == [[first], more]
+
+
+def test_one_transaction_is_one_hand_off_after_the_commit(handoffs):
+    handoffs.release.clear()
+    with transaction.atomic():
+        ids = [queue(i) for i in range(3)]
+        assert not handoffs.entered.is_set()  # nothing before the commit
+    handoffs.release.set()
+    assert publisher.wait_published(timeout=30)
+    assert handoffs.batches == [ids]
+
+
+def test_a_rolled_back_transaction_hands_nothing_over(handoffs):
+    with pytest.raises(RuntimeError, match="rolled back"), transaction.atomic():
+        queue(0)
+        raise RuntimeError("rolled back")
+    assert publisher.wait_published(timeout=30)
+    assert handoffs.batches == [] and not OutboundEmail.objects.exists()
+
+
+def test_an_error_in_a_hand_off_is_logged_and_the_thread_goes_on(handoffs, caplog):
+    handoffs.fail_next = True
+    lost = queue(0)
+    assert publisher.wait_published(timeout=30)
+    assert "Could not hand 1 outbound email(s) to Celery" in caplog.text
+    assert "RuntimeError: a bug in the hand-off" in caplog.text
+    # The row stays queued for the sweeper, and the next one is handed over as usual.
+    assert OutboundEmail.objects.get(pk=lost).status == Status.QUEUED
+    after = queue(1)
+    assert publisher.wait_published(timeout=30)
+    assert handoffs.ids() == [after]
+
+
+@pytest.mark.parametrize("why", ["setting off", "eager Celery", "uWSGI without threads"])
+def test_the_callers_thread_hands_over_where_a_thread_would_not_do(
+    handoffs, settings, monkeypatch, why
+):
+    if why == "setting off":
+        with_keys(settings, PUBLISH_IN_BACKGROUND=False)
+    elif why == "eager Celery":
+        from django_gmail_smtp.tasks import send_outbound_email
+
+        conf = send_outbound_email.app.conf
+        monkeypatch.setitem(conf, "task_always_eager", True)
+    else:
+        monkeypatch.setitem(sys.modules, "uwsgi", type(sys)("uwsgi"))  # opt: no enable-threads
+        publisher._threads_run.cache_clear()
+    try:
+        assert not publisher.in_background()
+        handoffs.release.clear()
+        done = threading.Event()
+
+        def release_once_entered() -> None:
+            handoffs.entered.wait(10)
+            done.set()
+            handoffs.release.set()
+
+        threading.Thread(target=release_once_entered).start()
+        pk = queue(0)
+        # The hand-off ran (and finished) before send_mail returned, in the caller's thread.
+        assert done.is_set() and handoffs.ids() == [pk]
+        assert handoffs.threads == [threading.current_thread().name]
+    finally:
+        publisher._threads_run.cache_clear()
+
+
+def test_uwsgi_with_threads_enabled_hands_over_in_the_background(monkeypatch):
+    module = type(sys)("uwsgi")
+    module.opt = {"enable-threads": True}
+    monkeypatch.setitem(sys.modules, "uwsgi", module)
+    publisher._threads_run.cache_clear()
+    try:
+        assert publisher._threads_run()
+    finally:
+        publisher._threads_run.cache_clear()
+
+
+@pytest.mark.integration
+def test_a_forked_child_neither_hands_over_nor_waits_for_its_parents_rows(handoffs):
+    handoffs.release.clear()
+    queue(0)
+    assert handoffs.entered.wait(10)
+    queue(1)  # pending in the parent while its first hand-off hangs
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+        pid = os.fork()
+    if pid == 0:  # the child: report what it sees, then leave without any cleanup
+        state = repr(publisher.publisher)
+        ok = publisher.wait_published(timeout=0)
+        os.write(write, f"{state}|{ok}".encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    assert child == "<Publisher pending=0 busy=False running=False>|True"
+    handoffs.release.set()
+    assert publisher.wait_published(timeout=30)
+    assert len(handoffs.ids()) == 2  # the parent handed both over
+
+
+@pytest.mark.integration
+def test_a_process_that_exits_right_after_send_mail_still_hands_its_row_over(tmp_path):
+    """The thread is a daemon, so exiting would kill it: atexit waits for what is pending."""
+    marker = tmp_path / "handed"
+    script = textwrap.dedent(
+        f"""
+        import time, django
+        django.setup()
+        from django.core.management import call_command
+        call_command("migrate", verbosity=0)
+        from django.core.mail import get_connection, send_mail
+        from django_gmail_smtp import outbox
+        from django_gmail_smtp.models import GmailAccount
+
+        def slow_publish(batch):
+            time.sleep(0.5)  # a slow broker: the process is already exiting by then
+            with open({str(marker)!r}, "w") as f:
+                f.write(",".join(str(pk) for pk, *_ in batch))
+            return len(batch)
+
+        outbox.publish = slow_publish
+        GmailAccount.objects.create(email="{SENDER}", app_password="abcd efgh ijkl mnop")
+        backend = get_connection("django_gmail_smtp.backends.CeleryGmailBackend")
+        send_mail("s", "b", "{SENDER}", ["to@example.net"], connection=backend)
+        print("returned", flush=True)
+        """
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    }
+    env.pop("GMAIL_SMTP_TEST_DB", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "returned" in done.stdout
+    assert marker.read_text() == "1"
