@@ -6,6 +6,7 @@ sweeper."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from django.core.mail import EmailMessage, send_mail
@@ -248,3 +249,53 @@ def test_cached_accounts_hold_no_secrets(outbox_settings, account, handed):
     (accounts,) = [cached for _, cached in routing._accounts.values()]
     assert [a.email for a in accounts] == [SENDER]
     assert "app_password" not in accounts[0].__dict__
+
+
+# --- the message build ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not routing._MESSAGE_TAKES_POLICY, reason="Django < 6.0 builds without policy")
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EmailMessage("Plain", "body\n", SENDER, ["to@example.net"]),
+        lambda: EmailMessage(
+            "Réinitialisation du mot de passe " * 4,
+            "Bonjour Zoë,\n" + "ligne très longue " * 40,
+            f'"Équipe, Support" <{SENDER}>',
+            ['"Doe, Jane" <jane@example.net>', "Zoë <zoe@exämple.net>"],
+            cc=["cc@example.net"],
+            bcc=["hidden@example.net"],
+            reply_to=["Help <help@example.net>"],
+            headers={"X-Campaign": "ünïcode", "List-Unsubscribe": "<https://example.net/u>"},
+        ),
+        lambda: _with_parts(),
+    ],
+    ids=["plain", "non-ascii-and-folding", "alternatives-and-attachment"],
+)
+def test_the_message_build_gives_the_stock_policys_bytes(make):
+    """The cached header classes (routing.SMTP_POLICY) change nothing in what is sent."""
+    import email.policy
+
+    fixed = {"Message-ID": "<fixed@example.com>", "Date": "Mon, 30 Nov 2026 10:00:00 -0000"}
+    ours, stock = make(), make()
+    ours.extra_headers.update(fixed)
+    stock.extra_headers.update(fixed)
+
+    def same_boundaries(data: bytes) -> bytes:  # multipart boundaries are random
+        return re.sub(rb"={15}\d+==", b"BOUNDARY", data)
+
+    for _ in range(2):  # the second build uses the classes the first one made
+        built = ours.message(policy=routing.SMTP_POLICY).as_bytes()
+        expected = stock.message(policy=email.policy.SMTP).as_bytes()
+        assert same_boundaries(built) == same_boundaries(expected)
+
+
+def _with_parts() -> EmailMessage:
+    from django.core.mail import EmailMultiAlternatives
+
+    m = EmailMultiAlternatives("Parts", "text", SENDER, ["to@example.net"])
+    m.attach_alternative("<p>html é</p>", "text/html")
+    m.attach("report.csv", "a,b\n1,2\n", "text/csv")
+    m.attach("blob.bin", bytes(range(256)), "application/octet-stream")
+    return m
