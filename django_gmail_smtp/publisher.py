@@ -15,8 +15,11 @@ sweeper enqueues them after its "lost task" delay (10 x ``SWEEP_GRACE``, at leas
 
 The hand-off happens in the caller's thread, as each transaction commits, when
 ``PUBLISH_IN_BACKGROUND`` is False, when Celery runs tasks eagerly (``task_always_eager``: the
-"hand-off" is then the send itself) and under uWSGI without ``enable-threads`` (whose workers
-never run a Python thread).
+"hand-off" is then the send itself), inside a Celery task (a worker queueing mail, such as the
+newsletter planner: nobody waits for it, and a prefork child ends with ``os._exit``, which runs
+no atexit hook) and under uWSGI without ``enable-threads`` (whose workers never run a Python
+thread). Another process that ends with ``os._exit`` right after queueing leaves its pending
+rows to the sweeper's "lost task" delay.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+
+from celery import current_task
 
 from .conf import get_setting
 
@@ -134,6 +139,8 @@ def in_background() -> bool:
 
     if send_outbound_email.app.conf.task_always_eager:
         return False
+    if current_task:  # a worker's task queues mail: nobody waits, and prefork children exit
+        return False  # without atexit (os._exit), which would leave the rows to the sweeper
     return _threads_run()
 
 
@@ -141,7 +148,7 @@ def in_background() -> bool:
 def _threads_run() -> bool:
     """False under uWSGI started without threads (its workers never run a Python thread)."""
     try:
-        import uwsgi  # type: ignore[import-not-found]  # only inside uWSGI
+        import uwsgi  # type: ignore[import-untyped, import-not-found, unused-ignore]  # only inside uWSGI
     except ImportError:
         return True
     options = getattr(uwsgi, "opt", {})

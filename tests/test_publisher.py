@@ -145,6 +145,21 @@ def test_the_callers_thread_hands_over_where_a_thread_would_not_do(
         publisher._threads_run.cache_clear()
 
 
+def test_a_celery_task_that_queues_mail_hands_it_over_itself(handoffs):
+    """A worker's child process (prefork) ends with os._exit, without atexit: a row queued by
+    a task (the newsletter planner's) is handed over before the task returns."""
+    from tests.celery_app import app
+
+    @app.task(name="tests.test_publisher.queue_one", shared=False)
+    def queue_one() -> int:
+        return queue(0)
+
+    assert publisher.in_background()  # outside the task
+    pk = queue_one.apply().get()
+    assert handoffs.ids() == [pk]
+    assert handoffs.threads == [threading.current_thread().name]
+
+
 def test_uwsgi_with_threads_enabled_hands_over_in_the_background(monkeypatch):
     module = type(sys)("uwsgi")
     module.opt = {"enable-threads": True}
