@@ -63,12 +63,19 @@ class Publisher:
         return f"<Publisher pending={len(self._pending)} busy={self._busy} running={alive}>"
 
     def submit(self, batch: Batch) -> None:
-        """Queue these rows for the thread (which is started if need be); returns at once."""
+        """Queue these rows for the thread (which is started if need be); returns at once.
+        Where no thread can start (the interpreter is shutting down), hands them over here."""
         with self._cond:
+            started = True
             if self._thread is None or not self._thread.is_alive():
-                self._start()
-            self._pending.extend(batch)
-            self._cond.notify_all()
+                started = self._start()
+            if started:
+                self._pending.extend(batch)
+                self._cond.notify_all()
+        if not started:
+            from . import outbox
+
+            outbox.publish(batch)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every row submitted so far was handed over (or its hand-off failed and
@@ -84,9 +91,14 @@ class Publisher:
                 self._cond.wait(left)
         return True
 
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="gmail-smtp-publisher", daemon=True)
-        self._thread.start()
+    def _start(self) -> bool:
+        thread = threading.Thread(target=self._run, name="gmail-smtp-publisher", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return False
+        self._thread = thread
+        return True
 
     def _run(self) -> None:
         from django.db import connections

@@ -160,6 +160,18 @@ def test_a_celery_task_that_queues_mail_hands_it_over_itself(handoffs):
     assert handoffs.threads == [threading.current_thread().name]
 
 
+def test_where_no_thread_can_start_the_rows_are_handed_over_at_once(handoffs, monkeypatch):
+    def refuse(thread):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    fresh = publisher.Publisher()  # no thread yet
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    fresh.submit([(7, "transactional", SENDER)])
+    assert handoffs.ids() == [7]
+    assert handoffs.threads == [threading.current_thread().name]
+    assert fresh.wait(timeout=0)
+
+
 def test_uwsgi_with_threads_enabled_hands_over_in_the_background(monkeypatch):
     module = type(sys)("uwsgi")
     module.opt = {"enable-threads": True}
