@@ -161,7 +161,7 @@ def store(
     message.gmail_outbound_id = row.pk  # type: ignore[attr-defined]
     signals.email_queued.send(OutboundEmail, outbound=row, message=message)
     batch = [(row.pk, row.priority, row.account_email)]
-    transaction.on_commit(partial(_publish_on_commit, batch), using=using)
+    transaction.on_commit(partial(_publish_on_commit, batch, using), using=using)
     return row
 
 
@@ -228,7 +228,7 @@ class OutboxWriter:
                     message.gmail_outbound_id = row.pk  # type: ignore[attr-defined]
                     signals.email_queued.send(OutboundEmail, outbound=row, message=message)
                 batch = [(row.pk, row.priority, row.account_email) for row in rows]
-                transaction.on_commit(partial(_publish_on_commit, batch), using=self.db)
+                transaction.on_commit(partial(_publish_on_commit, batch, self.db), using=self.db)
         except BaseException:
             self._failed = True
             raise
@@ -241,12 +241,12 @@ def _now() -> datetime:
     return timezone.now()
 
 
-def _publish_on_commit(batch: list[tuple[int, str, str]]) -> None:
+def _publish_on_commit(batch: list[tuple[int, str, str]], using: str | None = None) -> None:
     # The publisher thread (or, without it, this thread) calls publish() as looked up then,
     # so tests can replace it.
     from .publisher import hand_over
 
-    hand_over(batch)
+    hand_over(batch, using=using)
 
 
 def refuse_oversized(
@@ -303,7 +303,7 @@ def dispatch(outbound_id: int, priority: str, countdown: float | None = None) ->
     return True
 
 
-def publish(batch: Sequence[tuple[int, str, str]]) -> int:
+def publish(batch: Sequence[tuple[int, str, str]], *, using: str | None = None) -> int:
     """Hand freshly queued rows (``(id, priority, sending address)``) to Celery, with one
     producer and broker connection for all of them (Celery's pool keeps it between calls);
     return how many were handed over. One row is one ``send_outbound_email`` task; several rows
@@ -363,7 +363,10 @@ def publish(batch: Sequence[tuple[int, str, str]]) -> int:
                 them,
             )
         with suppress(Exception):  # the database may be the trouble; the rows are queued
-            OutboundEmail.objects.filter(pk__in=rest, status=Status.QUEUED).update(enqueued_at=None)
+            # On the database the rows were written to (``using``: the caller's, from the
+            # publisher thread, where a router that reads the caller's context cannot tell).
+            rows = OutboundEmail.objects.db_manager(using).filter(pk__in=rest)
+            rows.filter(status=Status.QUEUED).update(enqueued_at=None)
     return len(handed)
 
 

@@ -149,7 +149,9 @@ def dispatched(monkeypatch, settings):
     )
     # Freshly queued rows are handed over in batches, on commit.
     monkeypatch.setattr(
-        outbox, "publish", lambda batch: calls.extend((pk, None) for pk, *_ in batch) or len(batch)
+        outbox,
+        "publish",
+        lambda batch, **_: calls.extend((pk, None) for pk, *_ in batch) or len(batch),
     )
     return calls
 

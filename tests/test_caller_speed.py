@@ -35,7 +35,9 @@ def handed(monkeypatch, settings):
     committing thread."""
     with_keys(settings, PUBLISH_IN_BACKGROUND=False)
     batches: list[list[tuple]] = []
-    monkeypatch.setattr(outbox, "publish", lambda batch: batches.append(list(batch)) or len(batch))
+    monkeypatch.setattr(
+        outbox, "publish", lambda batch, **_: batches.append(list(batch)) or len(batch)
+    )
     return batches
 
 

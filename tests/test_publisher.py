@@ -33,13 +33,15 @@ class Handoffs:
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
         self.threads: list[str] = []
+        self.databases: list[str | None] = []
         self.entered = threading.Event()
         self.release = threading.Event()
         self.release.set()
         self.fail_next = False
 
-    def __call__(self, batch) -> int:
+    def __call__(self, batch, using=None) -> int:
         self.threads.append(threading.current_thread().name)
+        self.databases.append(using)
         self.entered.set()
         assert self.release.wait(30), "the test never released the hand-off"
         if self.fail_next:
@@ -172,6 +174,26 @@ def test_where_no_thread_can_start_the_rows_are_handed_over_at_once(handoffs, mo
     assert fresh.wait(timeout=0)
 
 
+def test_the_thread_marks_a_failed_hand_off_on_the_database_the_rows_were_written_to(handoffs):
+    """The thread cannot see the caller's context (a router reading it would guess): the
+    database goes along with the rows."""
+    queue(0)
+    assert publisher.wait_published(timeout=30)
+    assert handoffs.databases == ["default"]
+
+
+def test_a_process_forked_without_fork_hooks_starts_its_own_thread(handoffs):
+    """uWSGI forks its workers from C, without os.register_at_fork's hooks: the copy of the
+    parent's publisher (its rows, its thread that looks alive) is dropped on first use."""
+    copied = publisher.Publisher()
+    copied._pid = os.getpid() + 1  # made in the "parent"
+    copied._pending = [(None, (1, "transactional", SENDER))]
+    copied._thread = threading.current_thread()  # "alive", but not this process's
+    copied.submit([(2, "transactional", SENDER)])
+    assert copied.wait(timeout=30)
+    assert handoffs.ids() == [2]
+
+
 def test_uwsgi_with_threads_enabled_hands_over_in_the_background(monkeypatch):
     module = type(sys)("uwsgi")
     module.opt = {"enable-threads": True}
@@ -222,7 +244,7 @@ def test_a_process_that_exits_right_after_send_mail_still_hands_its_row_over(tmp
         from django_gmail_smtp import outbox
         from django_gmail_smtp.models import GmailAccount
 
-        def slow_publish(batch):
+        def slow_publish(batch, **_):
             time.sleep(0.5)  # a slow broker: the process is already exiting by then
             with open({str(marker)!r}, "w") as f:
                 f.write(",".join(str(pk) for pk, *_ in batch))
