@@ -301,3 +301,13 @@ def _with_parts() -> EmailMessage:
     m.attach("report.csv", "a,b\n1,2\n", "text/csv")
     m.attach("blob.bin", bytes(range(256)), "application/octet-stream")
     return m
+
+
+def test_a_header_mapped_to_another_type_gets_it_at_once():
+    """The classes are kept per header kind, not per name: a new mapping is never stale."""
+    from email.headerregistry import HeaderRegistry, UnstructuredHeader
+
+    registry = routing._HeaderClasses()
+    assert issubclass(registry["To"], HeaderRegistry().registry["to"])
+    registry.map_to_type("to", UnstructuredHeader)
+    assert issubclass(registry["To"], UnstructuredHeader)
