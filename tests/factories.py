@@ -177,3 +177,77 @@ def arm_after(sandbox: GmailSandbox, subject: str, **fault: Any) -> None:
             sandbox.fault(**fault)
 
     sandbox._state.on_delivery = on_delivery
+
+
+# --- a process that queues mail and exits ----------------------------------------------------
+
+
+#: Run first in each :func:`run_queueing_script`: Django on a new SQLite database, the account,
+#: ``queue_one(subject)``, and ``outbox.publish`` replaced by a slow broker that records the
+#: ids it is handed in the file ``MARKER``. From the publisher thread that hand-off ends only
+#: once the process waits for the thread at exit, so a row is recorded only if its process
+#: waits (or hands it over in its own main thread, which never waits here).
+_QUEUEING_PREAMBLE = """
+import threading, django
+django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+from django.core.mail import get_connection, send_mail
+from django_gmail_smtp import outbox, publisher
+from django_gmail_smtp.models import GmailAccount
+
+waited_for = threading.Event()
+_wait = publisher.publisher.wait
+
+def wait(timeout=None):
+    waited_for.set()  # the process waits for its publisher thread (at exit)
+    return _wait(timeout)
+
+publisher.publisher.wait = wait
+
+def slow_publish(batch, **_):
+    if threading.current_thread() is not threading.main_thread():
+        waited_for.wait(30)
+    with open(MARKER, "a") as f:
+        f.write("".join(f"{pk}\\n" for pk, *_ in batch))
+    return len(batch)
+
+outbox.publish = slow_publish
+GmailAccount.objects.create(email=SENDER, app_password="abcd efgh ijkl mnop")
+
+def queue_one(subject):
+    backend = get_connection("django_gmail_smtp.backends.CeleryGmailBackend")
+    send_mail(subject, "b", SENDER, ["to@example.net"], connection=backend)
+"""
+
+
+def run_queueing_script(tmp_path: Any, body: str) -> tuple[Any, list[str]]:
+    """Run ``body`` (dedented) after :data:`_QUEUEING_PREAMBLE` in a new Python process on a
+    new SQLite database in ``tmp_path``; return the finished process and the ids of the rows
+    handed over, in order."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    marker = tmp_path / "handed"
+    script = (
+        f"MARKER = {str(marker)!r}\nSENDER = {SENDER!r}\n"
+        + _QUEUEING_PREAMBLE
+        + textwrap.dedent(body)
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    }
+    env.pop("GMAIL_SMTP_TEST_DB", None)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    handed = marker.read_text().split() if marker.exists() else []
+    return done, handed

@@ -6,9 +6,7 @@ thread would not do (the setting off, eager Celery, uWSGI without threads)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import textwrap
 import threading
 import warnings
 
@@ -20,7 +18,7 @@ from django_gmail_smtp import outbox, publisher
 from django_gmail_smtp.models import OutboundEmail
 
 from .conftest import SENDER
-from .factories import with_keys
+from .factories import run_queueing_script, with_keys
 
 Status = OutboundEmail.Status
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -232,40 +230,15 @@ def test_a_forked_child_neither_hands_over_nor_waits_for_its_parents_rows(handof
 
 @pytest.mark.integration
 def test_a_process_that_exits_right_after_send_mail_still_hands_its_row_over(tmp_path):
-    """The thread is a daemon, so exiting would kill it: atexit waits for what is pending."""
-    marker = tmp_path / "handed"
-    script = textwrap.dedent(
-        f"""
-        import time, django
-        django.setup()
-        from django.core.management import call_command
-        call_command("migrate", verbosity=0)
-        from django.core.mail import get_connection, send_mail
-        from django_gmail_smtp import outbox
-        from django_gmail_smtp.models import GmailAccount
-
-        def slow_publish(batch, **_):
-            time.sleep(0.5)  # a slow broker: the process is already exiting by then
-            with open({str(marker)!r}, "w") as f:
-                f.write(",".join(str(pk) for pk, *_ in batch))
-            return len(batch)
-
-        outbox.publish = slow_publish
-        GmailAccount.objects.create(email="{SENDER}", app_password="abcd efgh ijkl mnop")
-        backend = get_connection("django_gmail_smtp.backends.CeleryGmailBackend")
-        send_mail("s", "b", "{SENDER}", ["to@example.net"], connection=backend)
-        print("returned", flush=True)
+    """The thread is a daemon, so exiting would kill it: atexit waits for what is pending
+    (the broker here answers only once the process waits for it)."""
+    done, handed = run_queueing_script(
+        tmp_path,
         """
-    )
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-    }
-    env.pop("GMAIL_SMTP_TEST_DB", None)
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        queue_one("s")
+        print("returned", flush=True)
+        """,
     )
     assert done.returncode == 0, done.stderr
     assert "returned" in done.stdout
-    assert marker.read_text() == "1"
+    assert handed == ["1"]

@@ -4,10 +4,7 @@ uWSGI detection reads uWSGI's real ``uwsgi.opt`` / ``uwsgi.version_info`` wrongl
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import textwrap
 import threading
 
 import pytest
@@ -15,6 +12,7 @@ import pytest
 from django_gmail_smtp import outbox, publisher
 
 from .conftest import SENDER
+from .factories import run_queueing_script
 from .processes import wait_for
 
 
@@ -59,55 +57,23 @@ def test_a_multiprocessing_child_that_returns_hands_its_rows_over(tmp_path):
     child's Publisher._at_exit is gone. The row a child queued right before returning is then
     not handed over by it (the sweeper enqueues it after 10 x SWEEP_GRACE, at least 5 minutes),
     though the child ended normally."""
-    marker = tmp_path / "handed"
-    script = textwrap.dedent(
-        f"""
-        import multiprocessing, time, django
-        django.setup()
-        from django.core.management import call_command
-        call_command("migrate", verbosity=0)
-        from django.core.mail import get_connection, send_mail
+    done, handed = run_queueing_script(
+        tmp_path,
+        """
+        import multiprocessing
         from django.db import connections
-        from django_gmail_smtp import outbox
-        from django_gmail_smtp.models import GmailAccount
 
-        def slow_publish(batch, **_):
-            time.sleep(0.5)  # a broker round trip: the child is already exiting by then
-            with open({str(marker)!r}, "a") as f:
-                f.write("".join(f"{{pk}}\\n" for pk, *_ in batch))
-            return len(batch)
-
-        def child():
-            backend = get_connection("django_gmail_smtp.backends.CeleryGmailBackend")
-            send_mail("s", "b", "{SENDER}", ["to@example.net"], connection=backend)
-
-        outbox.publish = slow_publish
-        GmailAccount.objects.create(email="{SENDER}", app_password="abcd efgh ijkl mnop")
-        backend = get_connection("django_gmail_smtp.backends.CeleryGmailBackend")
-        send_mail("parent", "b", "{SENDER}", ["to@example.net"], connection=backend)
+        queue_one("parent")
         connections.close_all()
-        process = multiprocessing.get_context("fork").Process(target=child)
+        process = multiprocessing.get_context("fork").Process(target=queue_one, args=("child",))
         process.start()
         process.join()
         print("child exit code", process.exitcode, flush=True)
-        """
-    )
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-    }
-    env.pop("GMAIL_SMTP_TEST_DB", None)
-    done = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        """,
     )
     assert done.returncode == 0, done.stderr
     assert "child exit code 0" in done.stdout
-    handed = sorted(marker.read_text().split())
+    handed = sorted(handed)
     assert handed == ["1", "2"], f"handed over: {handed} (row 1 is the parent's, 2 the child's)"
 
 
