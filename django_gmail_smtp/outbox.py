@@ -50,7 +50,7 @@ from django.db import router as db_router
 from django.db.models import Q
 from django.utils import timezone
 
-from . import signals
+from . import publisher, signals
 from .clock import db_now
 from .conf import SettingsLike, as_settings, get_setting
 from .enums import AttemptOutcome, Outcome, Priority, Reason, Status
@@ -161,7 +161,7 @@ def store(
     message.gmail_outbound_id = row.pk  # type: ignore[attr-defined]
     signals.email_queued.send(OutboundEmail, outbound=row, message=message)
     batch = [(row.pk, row.priority, row.account_email)]
-    transaction.on_commit(partial(_publish_on_commit, batch, using), using=using)
+    transaction.on_commit(partial(publisher.hand_over, batch, using=using), using=using)
     return row
 
 
@@ -228,7 +228,8 @@ class OutboxWriter:
                     message.gmail_outbound_id = row.pk  # type: ignore[attr-defined]
                     signals.email_queued.send(OutboundEmail, outbound=row, message=message)
                 batch = [(row.pk, row.priority, row.account_email) for row in rows]
-                transaction.on_commit(partial(_publish_on_commit, batch, self.db), using=self.db)
+                on_commit = partial(publisher.hand_over, batch, using=self.db)
+                transaction.on_commit(on_commit, using=self.db)
         except BaseException:
             self._failed = True
             raise
@@ -239,14 +240,6 @@ class OutboxWriter:
 
 def _now() -> datetime:
     return timezone.now()
-
-
-def _publish_on_commit(batch: list[tuple[int, str, str]], using: str | None = None) -> None:
-    # The publisher thread (or, without it, this thread) calls publish() as looked up then,
-    # so tests can replace it.
-    from .publisher import hand_over
-
-    hand_over(batch, using=using)
 
 
 def refuse_oversized(

@@ -593,13 +593,7 @@ class Pipeline:
                     outbox.release_claims(untouched),
                 )
                 result.stop = True
-            elif last_error is not None and phase in (
-                "mail",
-                "rcpt",
-                "data",
-                "after_data",
-                "size",
-            ):
+            elif last_error is not None and phase in _MESSAGE_PHASES:
                 # Dropped mid-stream: the rest go back to due, for a fresh connection.
                 outbox.release_claims(untouched)
             else:  # the connection could not be opened: the same fate for every row
@@ -1034,6 +1028,10 @@ __all__ = [
     "refuse_oversized",
     "retry_delay",
 ]
+
+
+#: SMTP phases of one message: a stream that failed in one of them had its connection open
+_MESSAGE_PHASES = frozenset({"mail", "rcpt", "data", "after_data", "size"})
 
 
 def _while(proceed: Callable[[], bool], envelopes: Iterable[Envelope]) -> Iterator[Envelope]:
