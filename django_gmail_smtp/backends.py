@@ -23,7 +23,7 @@ from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.views.decorators.debug import sensitive_variables
 
-from .conf import MAILER_OPTIONS, MailerSettings, for_mailer, resolve
+from .conf import MAILER_OPTIONS, MailerSettings, for_mailer, resolve_cached
 from .exceptions import GmailConfigurationError, GmailSMTPError, InvalidMessage
 from .outbox import OutboxWriter
 from .pipeline import Pipeline
@@ -76,7 +76,7 @@ class GmailBackendBase(BaseEmailBackend):
             use_ssl=use_ssl,
         )
         # A bad option fails here, when the mailer is created, not at the first send.
-        self.settings: MailerSettings = resolve(options, alias=alias or "")
+        self.settings: MailerSettings = resolve_cached(options, alias=alias or "")
         self.fail_silently = bool(fail_silently)
         if DJANGO_61:
             super().__init__(alias=alias, **kwargs)
@@ -236,7 +236,7 @@ class CeleryGmailBackend(GmailBackendBase):
     def router(self) -> Router:
         """A router on the process's account list (cached for ``routing.ACCOUNTS_TTL``
         seconds): queueing only routes, it never logs in with the accounts."""
-        return Router(options=self.settings, include_paused=True, cached=True)
+        return Router(options=self.settings, include_paused=True, cached=True, unbuilt=True)
 
     def send_messages(self, email_messages: Iterable[EmailMessage]) -> int:
         """Route each message and store it in the outbox; return how many were queued.

@@ -978,8 +978,33 @@ def as_settings(options: SettingsLike = None) -> MailerSettings:
     return resolve(options)
 
 
+#: (alias, the options given) -> their MailerSettings: a backend is created for every
+#: ``send_mail()``, and resolving its options each time was a tenth of what queueing cost
+_resolved: dict[tuple[str, frozenset[tuple[str, Any]]], MailerSettings] = {}
+#: distinct option sets kept at most (they come from code, so there are few)
+RESOLVED_KEPT = 256
+
+
+def resolve_cached(options: Mapping[str, Any], *, alias: str = "") -> MailerSettings:
+    """:func:`resolve`, remembered per alias and options until a setting changes (as
+    :func:`for_mailer` is). Options holding a password, or values that cannot be a key, are
+    resolved every time; so is anything that raises."""
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        key = (alias, frozenset(given.items()))
+        found = _resolved.get(key)
+    except TypeError:  # a value that cannot be a key (a list, a dict)
+        return resolve(options, alias=alias)
+    if found is None:
+        found = resolve(options, alias=alias)
+        if "password" not in given and len(_resolved) < RESOLVED_KEPT:
+            _resolved[key] = found
+    return found
+
+
 def _forget_mailers(**kwargs: Any) -> None:
     _mailers.clear()
+    _resolved.clear()
 
 
 # Tests (override_settings) and a reloaded configuration change settings at run time.

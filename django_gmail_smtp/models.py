@@ -402,8 +402,11 @@ class QuotaDay(models.Model):
 class OutboundEmail(models.Model):
     """The outbox: one row per message handed to the Celery backend.
 
-    The exact MIME bytes are stored (attachments, alternatives and headers arrive as built),
-    with the envelope, the account chosen at queue time, and everything that happened since.
+    The message is stored as its exact MIME bytes (``mime``) or, for a plain message (text
+    and alternatives, no attachments: see :func:`~django_gmail_smtp.routing.draft_of`), as
+    its parts (``draft``), checked at queue time and built by the worker, so that queueing it
+    costs the caller no build. Either way with the envelope, the account chosen at queue time,
+    and everything that happened since.
     """
 
     Status = enums.Status
@@ -430,6 +433,17 @@ class OutboundEmail(models.Model):
     subject = models.CharField(_("subject"), max_length=998, blank=True)
     message_id = models.CharField(_("Message-ID"), max_length=998, blank=True, db_index=True)
     mime = models.BinaryField(_("message"), default=bytes)
+    draft = models.JSONField(
+        _("unbuilt message"),
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_(
+            "A plain message stored as its parts (text, headers with its Date and Message-ID "
+            "fixed at queue time), which the worker builds when it sends it; empty when the "
+            "exact bytes are stored in 'message'."
+        ),
+    )
     size = models.PositiveIntegerField(_("size (bytes)"), default=0)
     from_rewritten = models.BooleanField(_("From rewritten"), default=False)
     mailer = models.CharField(

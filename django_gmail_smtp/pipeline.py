@@ -27,6 +27,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -49,7 +50,7 @@ from .exceptions import (
     QuotaExceeded,
 )
 from .models import GmailAccount, OutboundEmail, normalize_address
-from .routing import Envelope, Router, account_key, explicit_account
+from .routing import DraftEnvelope, Envelope, Router, account_key, explicit_account
 from .transport import OnWait, SendResult, Transport, closing_iterator, make_transport
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def refuse_oversized(envelope: Envelope, settings: MailerSettings, *, action: st
     """Raise :class:`MessageTooLarge` for a message over ``MAX_MESSAGE_SIZE`` (by default
     Gmail's advertised SIZE, 35,882,577 bytes): Gmail would refuse it anyway."""
     limit = settings.max_message_size
-    size = len(envelope.data)
+    size = envelope.size  # a message stored unbuilt: at most this (drafts stay well under)
     if size > limit:
         raise MessageTooLarge(
             f"The message is {size:,} bytes; Gmail accepts at most {limit:,} "
@@ -95,6 +96,37 @@ def refuse_oversized(envelope: Envelope, settings: MailerSettings, *, action: st
             account=envelope.account.email,
             phase="size",
         )
+
+
+def row_envelope(row: OutboundEmail, account: GmailAccount) -> Envelope:
+    """The envelope a queued row is sent with: its stored bytes, or its draft (built when the
+    bytes are first read; see :class:`~django_gmail_smtp.routing.DraftEnvelope`)."""
+    if row.draft is not None and not row.mime:
+        return DraftEnvelope(
+            draft=row.draft,
+            estimate=row.size,
+            account=account,
+            mail_from=row.from_email,
+            recipients=list(row.recipients),
+            message_id=row.message_id,
+        )
+    return Envelope(
+        account=account,
+        mail_from=row.from_email,
+        recipients=list(row.recipients),
+        data=bytes(row.mime),
+        message_id=row.message_id,
+    )
+
+
+def build_next(unbuilt: deque[DraftEnvelope]) -> None:
+    """Build the first envelope of ``unbuilt`` not built yet (one per call: a stream calls it
+    while it waits for Gmail). One that does not build is left to fail where it is read."""
+    while unbuilt:
+        envelope = unbuilt.popleft()
+        if not envelope.built:
+            envelope.build()
+            return
 
 
 class Pipeline:
@@ -489,13 +521,7 @@ class Pipeline:
                 f"{account.health_detail or account.health}",
                 None,
             )
-        envelope = Envelope(
-            account=account,
-            mail_from=row.from_email,
-            recipients=list(row.recipients),
-            data=bytes(row.mime),
-            message_id=row.message_id,
-        )
+        envelope = row_envelope(row, account)
         try:
             result = self.attempt(envelope, row.priority)
         except BaseException as exc:
@@ -530,16 +556,10 @@ class Pipeline:
             for record in records:
                 result.outcomes[record.row.pk] = self.deliver(record)
             return result
-        envelopes = [
-            Envelope(
-                account=account,
-                mail_from=r.row.from_email,
-                recipients=list(r.row.recipients),
-                data=bytes(r.row.mime),
-                message_id=r.row.message_id,
-            )
-            for r in records
-        ]
+        envelopes = [row_envelope(r.row, account) for r in records]
+        # Rows stored unbuilt are built while the stream waits for Gmail, one per wait, each
+        # ahead of its turn (the stream reads a message's bytes when it writes its envelope).
+        unbuilt = deque(e for e in envelopes if isinstance(e, DraftEnvelope))
         sent_any = False
         seen: set[int] = set()
         last_error: Exception | None = None
@@ -557,6 +577,7 @@ class Pipeline:
                 batch = accepted[:]
                 del accepted[:]
                 self._record_sent_batch(account, batch, result)
+            build_next(unbuilt)
             if keep_alive is not None and held[0]:
                 pending = [r for r in records if r.row.pk not in result.outcomes]
                 held[0] = keep_alive(pending)

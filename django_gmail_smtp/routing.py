@@ -16,15 +16,21 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
+from datetime import timezone as dt_timezone
 from email.errors import HeaderParseError
 from email.headerregistry import Address, AddressHeader, BaseHeader, HeaderRegistry
-from email.utils import parseaddr
+from email.utils import format_datetime, formatdate, make_msgid, parseaddr
 from typing import Any
 
+from django.conf import settings as django_settings
 from django.core.mail import EmailMessage
+from django.core.mail.utils import DNS_NAME
 from django.db import connections
 from django.db import router as db_router
 from django.db.models.signals import post_delete, post_save
+from django.utils.functional import Promise
+from django.utils.timezone import get_current_timezone
 from django.views.decorators.debug import sensitive_variables
 
 from .conf import SettingsLike, as_settings, setting_changed
@@ -54,8 +60,64 @@ class Envelope:
     def __repr__(self) -> str:
         return (
             f"<Envelope {self.account.email} -> {len(self.recipients)} recipient(s), "
-            f"{len(self.data)} bytes>"
+            f"{self.size} bytes>"
         )
+
+    @property
+    def size(self) -> int:
+        """The message's size in bytes (for one not built yet: at most this many)."""
+        return len(self.data)
+
+    @property
+    def draft(self) -> dict[str, Any] | None:
+        """The message's parts, when it is stored unbuilt (see :func:`draft_of`)."""
+        return None
+
+
+class DraftEnvelope(Envelope):
+    """An envelope whose bytes are built from a draft (:func:`draft_of`) when first read.
+
+    The outbox stores a plain message unbuilt (the caller does not pay for the build) and
+    the worker builds it, while it waits for Gmail's reply to the message before (see
+    :meth:`build`). A draft that no longer builds raises
+    :class:`~django_gmail_smtp.exceptions.InvalidMessage` where the bytes are first read:
+    the transport's error for that message alone."""
+
+    def __init__(self, *, draft: dict[str, Any], estimate: int = 0, **fields: Any) -> None:
+        self._draft = draft
+        self._estimate = estimate
+        self._built: bytes | None = None
+        super().__init__(data=b"", **fields)
+
+    @property
+    def data(self) -> bytes:
+        if self._built is None:
+            self._built = build_draft(self._draft)
+        return self._built
+
+    @data.setter
+    def data(self, value: bytes) -> None:
+        self._built = value or None
+
+    @property
+    def built(self) -> bool:
+        return self._built is not None
+
+    def build(self) -> bool:
+        """Build the bytes now (False: the draft does not build; reading ``data`` raises)."""
+        try:
+            self.data  # noqa: B018
+        except InvalidMessage:
+            return False
+        return True
+
+    @property
+    def size(self) -> int:
+        return len(self._built) if self._built is not None else self._estimate
+
+    @property
+    def draft(self) -> dict[str, Any] | None:
+        return self._draft
 
 
 def account_key(account: GmailAccount) -> Any:
@@ -151,7 +213,9 @@ class Router:
     too, after active ones; the outbox uses this so mail for a paused account waits for it
     instead of being refused. ``cached``: use the process's account list
     (:func:`routing_accounts`, for queueing: the accounts are only routed to, never logged in
-    with) rather than reading it for this router.
+    with) rather than reading it for this router. ``unbuilt``: return a plain message as a
+    :class:`DraftEnvelope` (its parts, checked, and built when it is sent: see
+    :func:`draft_of`), for the outbox.
     """
 
     def __init__(
@@ -161,14 +225,17 @@ class Router:
         options: SettingsLike = None,
         include_paused: bool = False,
         cached: bool = False,
+        unbuilt: bool = False,
     ):
         settings = as_settings(options)
         account = account or settings.account
         self.forced = normalize_address(account) if account else None
         self.strict = settings.strict_from
         self.max_recipients = settings.max_recipients_per_message
+        self.max_size = settings.max_message_size
         self.include_paused = include_paused
         self.cached = cached
+        self.unbuilt = unbuilt
         self._accounts: list[GmailAccount] | None = None
         if settings.login is not None:
             login = explicit_account(*settings.login)
@@ -210,7 +277,7 @@ class Router:
         """
         check_headers(message)
         from_header = header_from(message)
-        name, address = parseaddr(from_header)
+        name, address = _parse_from(from_header)
         _check_address(
             "From",
             from_header,
@@ -263,6 +330,19 @@ class Router:
         else:
             mail_from = address
         recipients = self._recipients(message)
+        if self.unbuilt:
+            draft, estimate = _draft(message, max_size=self.max_size)
+            if draft is not None:
+                return DraftEnvelope(
+                    draft=draft,
+                    estimate=estimate,
+                    account=account,
+                    mail_from=envelope_address(mail_from),
+                    recipients=recipients,
+                    message_id=draft["headers"][1][1],  # see draft_of
+                    from_rewritten=rewritten,
+                    original_from=address,
+                )
         data, message_id = _message_bytes(message)
         return Envelope(
             account=account,
@@ -331,6 +411,10 @@ def _rewrite_from(message: EmailMessage, name: str, account_address: str, origin
     return clone
 
 
+#: ``parseaddr`` of the From header, remembered: the same few come back with every message
+_parse_from = functools.lru_cache(maxsize=1024)(parseaddr)
+
+
 def _check_address(label: str, address: str, hint: str | None = None) -> None:
     try:
         envelope_address(address)
@@ -369,11 +453,199 @@ def _message_bytes(message: EmailMessage) -> tuple[bytes, str]:
     except (HeaderParseError, IndexError, AttributeError):
         # The stdlib's address parser fails on some malformed addresses in extra headers.
         raise InvalidMessage(_UNREADABLE_ADDRESS, hint=_UNREADABLE_HINT) from None
+    except TypeError as exc:  # Django 6 hands a header value that is not text to the parser
+        raise InvalidMessage(
+            f"The message cannot be built: a header value is not text ({exc})",
+            hint="Give the values in headers=... as strings. Nothing was sent.",
+        ) from None
     message_id = str(mime.get("Message-ID", "") or "")
     return data, message_id
 
 
 _MESSAGE_TAKES_POLICY = "policy" in inspect.signature(EmailMessage.message).parameters
+
+
+# --- messages stored unbuilt ----------------------------------------------------------------------
+
+#: the version of the draft format; a worker refuses (fails the row, saying so) a draft it
+#: does not know rather than sending something else than was queued
+DRAFT_VERSION = 1
+#: per-instance attributes a draft keeps (a message with others is built at once)
+_DRAFT_SUBTYPES = ("content_subtype", "mixed_subtype", "alternative_subtype")
+_DRAFT_ATTRIBUTES = frozenset(
+    {
+        "_connection",
+        "connection",
+        "alternatives",
+        "attachments",
+        "bcc",
+        "body",
+        "cc",
+        "encoding",
+        "extra_headers",
+        "from_email",
+        "reply_to",
+        "subject",
+        "to",
+        *_DRAFT_SUBTYPES,
+    }
+)
+_UTF8 = frozenset({"utf-8", "utf8"})
+#: extra headers the email package parses (a message with one is built at once, so that a bad
+#: value is refused now), but for the address headers :func:`check_headers` reads itself
+_STRUCTURED_HEADERS = frozenset(HeaderRegistry().registry) - {"to", "cc", "reply-to", "from"}
+
+
+def draft_of(message: EmailMessage, *, max_size: int) -> dict[str, Any] | None:
+    """The parts of a plain message, to store and build later (None: build it now).
+
+    A plain message is one of Django's own classes (``EmailMessage`` or
+    ``EmailMultiAlternatives``, not a subclass, whose ``message()`` may do more) with text
+    parts only (body and alternatives, no attachments), its own strings as headers and
+    addresses, the default encoding (a UTF-8 ``DEFAULT_CHARSET``), and well under
+    ``max_size`` (the limit is checked on the built bytes for anything else). Its Date and
+    Message-ID are fixed now, as Django would write them, so every build of the draft is the
+    same message. The caller has already checked what the build would refuse (headers, the
+    addresses, the recipients): a draft builds (see :func:`build_draft`).
+    """
+    return _draft(message, max_size=max_size)[0]
+
+
+def _draft(message: EmailMessage, *, max_size: int) -> tuple[dict[str, Any] | None, int]:
+    """:func:`draft_of`, and its :func:`draft_estimate`."""
+    if type(message) not in _PLAIN_CLASSES or message.attachments:
+        return None, 0
+    attributes = vars(message)
+    if any(n not in _DRAFT_ATTRIBUTES and not n.startswith("gmail_") for n in attributes):
+        return None, 0
+    if message.encoding is not None or _charset() not in _UTF8:
+        return None, 0
+    subject, body = _text(message.subject), _text(message.body)
+    from_email = _text(message.from_email)
+    if subject is None or body is None or from_email is None:
+        return None, 0
+    lists = {}
+    for name in ("to", "cc", "reply_to"):
+        values = list(getattr(message, name) or ())
+        if not all(isinstance(v, str) for v in values):
+            return None, 0
+        lists[name] = [str(v) for v in values]
+    extra = message.extra_headers or {}
+    if not all(type(k) is str and type(v) is str for k, v in extra.items()):
+        return None, 0
+    names = {k.lower() for k in extra}
+    if names & _STRUCTURED_HEADERS:
+        return None, 0  # Django and the email package check these as they build: build it now
+    alternatives = []
+    for alternative in getattr(message, "alternatives", None) or ():
+        content, mimetype = alternative[0], alternative[1]
+        if not isinstance(content, str) or not isinstance(mimetype, str):
+            return None, 0
+        alternatives.append([str(content), str(mimetype)])
+    # Where Django puts them (before the extra headers), fixed now, as Django would write them.
+    # A list of pairs, not an object: PostgreSQL's jsonb does not keep the order of keys.
+    headers = [["Date", _date_header()], ["Message-ID", make_msgid(domain=str(DNS_NAME))]]
+    headers += [[str(k), str(v)] for k, v in extra.items()]
+    draft: dict[str, Any] = {
+        "v": DRAFT_VERSION,
+        "subject": subject,
+        "body": body,
+        "from_email": from_email,
+        **lists,
+        "headers": headers,  # [name, value] pairs, Date and Message-ID first
+    }
+    if alternatives:
+        draft["alternatives"] = alternatives
+    for name in _DRAFT_SUBTYPES:
+        if name in attributes:
+            if not isinstance(attributes[name], str):
+                return None, 0
+            draft[name] = str(attributes[name])
+    estimate = draft_estimate(draft)
+    if estimate > max_size:
+        return None, 0
+    return draft, estimate
+
+
+def draft_estimate(draft: dict[str, Any]) -> int:
+    """At most how many bytes the draft builds to: each text's UTF-8 bytes four times over
+    (quoted-printable writes a byte as three, and a line end becomes CRLF), plus room for the
+    headers and the MIME structure."""
+    texts = [draft["subject"], draft["body"], draft["from_email"]]
+    texts += [*draft["to"], *draft["cc"], *draft["reply_to"]]
+    texts += [f"{k}: {v}" for k, v in draft["headers"]]
+    texts += [content for content, _ in draft.get("alternatives", ())]
+    parts = 1 + len(draft.get("alternatives", ()))
+    return 4 * sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 2048 * parts + 4096
+
+
+def build_draft(draft: dict[str, Any]) -> bytes:
+    """The bytes of a message stored as a draft (:func:`draft_of`), built by Django as the
+    message itself would have been. Raises :class:`InvalidMessage` for a draft that does not
+    build (made by another version, or refused by this Django)."""
+    from django.core.mail import EmailMultiAlternatives
+
+    if not isinstance(draft, dict) or draft.get("v") != DRAFT_VERSION:
+        version = draft.get("v") if isinstance(draft, dict) else None
+        raise InvalidMessage(
+            f"The stored message is in a form this version cannot build (draft version "
+            f"{version!r}, this version builds {DRAFT_VERSION})",
+            hint="Run the same version of django-gmail-smtp in the workers as in the site "
+            "that queues the mail, then retry the message.",
+        )
+    try:
+        alternatives = draft.get("alternatives") or ()
+        message = (EmailMultiAlternatives if alternatives else EmailMessage)(
+            subject=draft["subject"],
+            body=draft["body"],
+            from_email=draft["from_email"],
+            to=draft["to"],
+            cc=draft["cc"],
+            reply_to=draft["reply_to"],
+            headers={str(k): str(v) for k, v in draft["headers"]},
+        )
+        for content, mimetype in alternatives:
+            message.attach_alternative(content, mimetype)  # type: ignore[attr-defined]
+        for name in _DRAFT_SUBTYPES:
+            if name in draft:
+                setattr(message, name, draft[name])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidMessage(
+            f"The stored message cannot be read back ({type(exc).__name__}: {exc})",
+            hint="Queue it again; if this repeats, report it with the row's id.",
+        ) from None
+    return _message_bytes(message)[0]
+
+
+def _plain_classes() -> tuple[type, ...]:
+    from django.core.mail import EmailMultiAlternatives
+
+    return (EmailMessage, EmailMultiAlternatives)
+
+
+_PLAIN_CLASSES = _plain_classes()
+
+
+def _text(value: Any) -> str | None:
+    """A string, or a lazy translation (made a string now); None for anything else."""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Promise):
+        return str(value)
+    return None
+
+
+def _charset() -> str:
+    return str(django_settings.DEFAULT_CHARSET).lower().replace("_", "-")
+
+
+def _date_header() -> str:
+    """The Date header Django writes into a message built now."""
+    if _MESSAGE_TAKES_POLICY:  # Django 6: a datetime, written by the email package
+        use_local = django_settings.EMAIL_USE_LOCALTIME
+        moment = datetime.now(get_current_timezone() if use_local else dt_timezone.utc)
+        return format_datetime(moment)
+    return formatdate(localtime=django_settings.EMAIL_USE_LOCALTIME)
 
 
 class _HeaderClasses(HeaderRegistry):

@@ -20,7 +20,9 @@ from django.utils.safestring import SafeString, mark_safe
 from . import quota
 from .conf import format_time, get_setting, local
 from .enums import BounceKind
+from .exceptions import InvalidMessage
 from .models import Bounce, GmailAccount, OutboundEmail, QuotaBucket, QuotaDay, SenderQuota
+from .routing import build_draft
 
 #: How people read a moment in the admin and the command: one format everywhere.
 TIME_FORMAT = "%Y-%m-%d %H:%M"
@@ -258,6 +260,13 @@ PREVIEW_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; fon
 def message_preview(row: OutboundEmail) -> SafeString:
     """Headers, text, HTML (in a sandboxed frame: no scripts, no remote loads) and attachments."""
     raw = bytes(row.mime or b"")
+    if not raw and row.draft is not None:
+        # Stored unbuilt: shown as the worker builds it (the same but for the boundaries
+        # between the parts of a multipart message).
+        try:
+            raw = build_draft(row.draft)
+        except InvalidMessage as exc:
+            return format_html("<p>The stored message cannot be built: {}</p>", exc)
     if not raw:
         return format_html(
             "<p>The message body was dropped after the retention period ({}).</p>",

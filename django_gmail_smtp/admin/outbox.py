@@ -10,13 +10,15 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets
 from django.db import connections
 from django.db.models import Count, F, Func, QuerySet, TextField, Value
-from django.db.models.functions import Cast
+from django.db.models.functions import Cast, Coalesce, Concat
 from django.http import HttpRequest
 from django.utils.html import format_html
 
 from .. import outbox, stats
 from ..conf import get_setting
+from ..exceptions import InvalidMessage
 from ..models import OutboundAttempt, OutboundEmail
+from ..routing import build_draft
 from .lookups import OfferedLookupsOnly
 from .widgets import moment, readable_error
 
@@ -57,11 +59,17 @@ class WaitingTooLong(admin.SimpleListFilter):
 
 
 def _message_text(queryset: QuerySet) -> Func:
-    """The stored message (headers and body) as text the database can search."""
+    """The stored message (headers and body, or the parts of one stored unbuilt) as text the
+    database can search."""
+    draft = Coalesce(Cast("draft", TextField()), Value(""), output_field=TextField())
+    mime: Func
     if connections[queryset.db].vendor == "postgresql":
         # bytea::text is hex; encode(..., 'escape') keeps ASCII and never fails on bad UTF-8.
-        return Func(F("mime"), Value("escape"), function="encode", output_field=TextField())
-    return Cast("mime", TextField())
+        mime = Func(F("mime"), Value("escape"), function="encode", output_field=TextField())
+    else:
+        mime = Cast("mime", TextField())
+    mime_text = Coalesce(mime, Value(""), output_field=TextField())
+    return Concat(mime_text, draft, output_field=TextField())
 
 
 class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
@@ -101,7 +109,7 @@ class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
                     "recipient_list",
                     "subject",
                     "message_id",
-                    "size",
+                    "size_text",
                     "from_rewritten",
                 )
             },
@@ -129,7 +137,9 @@ class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         # The attempt log's length: what "attempts" means next to the log.
-        return super().get_queryset(request).defer("mime").annotate(gms_attempts=Count("log"))
+        return (
+            super().get_queryset(request).defer("mime", "draft").annotate(gms_attempts=Count("log"))
+        )
 
     def can_read_bodies(self, request: HttpRequest) -> bool:
         return request.user.has_perm("django_gmail_smtp.view_body_outboundemail")
@@ -223,6 +233,18 @@ class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
         )
 
     @admin.display(description="last error")
+    @admin.display(description="size")
+    def size_text(self, obj: OutboundEmail) -> str:
+        if obj.draft is not None and not obj.mime:
+            try:
+                size = len(build_draft(obj.draft))
+            except InvalidMessage:
+                return "- (the stored message cannot be built)"
+            return f"{size:,} bytes (stored unbuilt: the worker builds it when it sends it)"
+        if obj.body_dropped_at:
+            return f"{obj.size:,} bytes (the message was dropped after the retention period)"
+        return f"{obj.size:,} bytes"
+
     def error_text(self, obj: OutboundEmail) -> str:
         return readable_error(obj.last_error) if obj.last_error else "-"
 

@@ -371,7 +371,7 @@ def _outbox_rows(account: GmailAccount, message_id: str) -> list[OutboundEmail]:
     sent_by = Q(account=account) | Q(account_email=normalize_address(account.email))
     return list(
         OutboundEmail.objects.filter(sent_by, message_id__in=ids)
-        .defer("mime")
+        .defer("mime", "draft")
         .order_by("-created_at", "-pk")
     )
 
