@@ -726,6 +726,7 @@ _NAME_CHARACTERS = {**_CONTROL_CHARACTERS, ":": "a colon"}
 def check_headers(message: EmailMessage) -> None:
     """Refuse header names and values that could add or split headers (header injection).
 
+    A Bcc header is refused (it would show the blind copies to everyone: use ``bcc=``).
     Names may not contain CR, LF, NUL or a colon (``{"X-A\\r\\nBcc: ...": "1"}`` would add a
     header); values, the subject and addresses may not contain CR, LF or NUL. Raises
     :class:`HeaderInjection` before anything is stored or sent.
@@ -742,6 +743,11 @@ def check_headers(message: EmailMessage) -> None:
                 "'-'), without spaces. Nothing was sent.",
             )
         _refuse_control_characters(f"The {name} header", value)
+        if name.lower() == "bcc":  # Django 6 refuses it too; before 6 it was written out
+            raise InvalidMessage(
+                "A Bcc header was given in headers=...: every recipient would see it",
+                hint='Pass blind copies as bcc=["..."] instead. Nothing was sent.',
+            )
         if name.lower() in _ADDRESS_HEADERS:
             _check_address_header(str(value))
     _refuse_control_characters("The subject", message.subject)
