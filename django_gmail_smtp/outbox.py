@@ -321,7 +321,8 @@ def _compile_insert(row: OutboundEmail, using: str) -> _Statement | None:
     query = InsertQuery(OutboundEmail)
     query.insert_values(fields, [row])
     compiler = query.get_compiler(using=using)
-    returning = bool(connection.features.can_return_columns_from_insert)
+    # SQLite gives the new id as the cursor's lastrowid: a RETURNING clause costs more there.
+    returning = connection.vendor != "sqlite" and connection.features.can_return_columns_from_insert
     compiler.returning_fields = [meta.pk] if returning else None
     statements = compiler.as_sql()
     if len(statements) != 1:
