@@ -100,10 +100,11 @@ def refuse_oversized(envelope: Envelope, settings: MailerSettings, *, action: st
 
 def row_envelope(row: OutboundEmail, account: GmailAccount) -> Envelope:
     """The envelope a queued row is sent with: its stored bytes, or its draft (built when the
-    bytes are first read; see :class:`~django_gmail_smtp.routing.DraftEnvelope`)."""
-    if row.draft is not None and not row.mime:
+    bytes are first read; see :class:`~django_gmail_smtp.routing.DraftEnvelope`). An empty
+    message is never sent: a row with neither fails with the reason."""
+    if not row.mime:  # a draft; with none either, building it says there is nothing to send
         return DraftEnvelope(
-            draft=row.draft,
+            draft=row.draft or {},
             estimate=row.size,
             account=account,
             mail_from=row.from_email,

@@ -585,6 +585,12 @@ def build_draft(draft: dict[str, Any]) -> bytes:
     build (made by another version, or refused by this Django)."""
     from django.core.mail import EmailMultiAlternatives
 
+    if not draft:
+        raise InvalidMessage(
+            "The stored message is empty, so there is nothing to send (it was queued by a "
+            "version of the app that stored it elsewhere, or its body was removed)",
+            hint="Queue the message again.",
+        )
     if not isinstance(draft, dict) or draft.get("v") != DRAFT_VERSION:
         version = draft.get("v") if isinstance(draft, dict) else None
         raise InvalidMessage(

@@ -375,3 +375,14 @@ def test_queueing_never_goes_through_save(account, dispatched, monkeypatch):
     monkeypatch.setattr(OutboundEmail, "save", refuse)
     (row,) = queue(EmailMessage("s", "b", SENDER, ["t@x.example"]))
     assert row.status == Status.QUEUED and row.draft is not None
+
+
+def test_a_row_with_no_message_at_all_fails_instead_of_sending_an_empty_one(
+    account, sandbox, pool, dispatched
+):
+    (row,) = queue(EmailMessage("s", "b", SENDER, ["t@x.example"]))
+    OutboundEmail.objects.filter(pk=row.pk).update(draft=None, mime=b"")
+    assert outbox.deliver(row.pk, pool=pool) == Outcome.FAILED
+    row.refresh_from_db()
+    assert row.status == Status.FAILED and "nothing to send" in row.last_error
+    assert sandbox.deliveries == []
