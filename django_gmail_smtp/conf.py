@@ -980,7 +980,7 @@ def as_settings(options: SettingsLike = None) -> MailerSettings:
 
 #: (alias, the options given) -> their MailerSettings: a backend is created for every
 #: ``send_mail()``, and resolving its options each time was a tenth of what queueing cost
-_resolved: dict[tuple[str, frozenset[tuple[str, Any]]], MailerSettings] = {}
+_resolved: dict[tuple[str, frozenset[tuple[str, type, Any]]], MailerSettings] = {}
 #: distinct option sets kept at most (they come from code, so there are few)
 RESOLVED_KEPT = 256
 
@@ -991,7 +991,8 @@ def resolve_cached(options: Mapping[str, Any], *, alias: str = "") -> MailerSett
     resolved every time; so is anything that raises."""
     given = {k: v for k, v in options.items() if v is not None}
     try:
-        key = (alias, frozenset(given.items()))
+        # With each value's type: True == 1, and a boolean where a number goes is refused.
+        key = (alias, frozenset((k, type(v), v) for k, v in given.items()))
         found = _resolved.get(key)
     except TypeError:  # a value that cannot be a key (a list, a dict)
         return resolve(options, alias=alias)

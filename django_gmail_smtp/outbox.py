@@ -160,7 +160,7 @@ def store(
 ) -> OutboundEmail:
     """Write one routed message to the outbox and enqueue its id when the transaction commits."""
     row = _new_row(envelope, message, priority=priority, mailer=mailer, now=timezone.now())
-    insert_one(row, using or db_router.db_for_write(OutboundEmail))
+    insert_one(row, using or db_router.db_for_write(OutboundEmail, instance=row))
     # A documented extra attribute on the caller's message (Django's class does not declare it).
     message.gmail_outbound_id = row.pk  # type: ignore[attr-defined]
     signals.email_queued.send(OutboundEmail, outbound=row, message=message)

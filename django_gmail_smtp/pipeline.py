@@ -98,13 +98,16 @@ def refuse_oversized(envelope: Envelope, settings: MailerSettings, *, action: st
         )
 
 
-def row_envelope(row: OutboundEmail, account: GmailAccount) -> Envelope:
+def row_envelope(
+    row: OutboundEmail, account: GmailAccount, max_size: int | None = None
+) -> Envelope:
     """The envelope a queued row is sent with: its stored bytes, or its draft (built when the
     bytes are first read; see :class:`~django_gmail_smtp.routing.DraftEnvelope`). An empty
     message is never sent: a row with neither fails with the reason."""
     if not row.mime:  # a draft; with none either, building it says there is nothing to send
         return DraftEnvelope(
             draft=row.draft or {},
+            max_size=max_size,
             estimate=row.size,
             account=account,
             mail_from=row.from_email,
@@ -522,7 +525,7 @@ class Pipeline:
                 f"{account.health_detail or account.health}",
                 None,
             )
-        envelope = row_envelope(row, account)
+        envelope = row_envelope(row, account, self.settings.max_message_size)
         try:
             result = self.attempt(envelope, row.priority)
         except BaseException as exc:
@@ -557,7 +560,8 @@ class Pipeline:
             for record in records:
                 result.outcomes[record.row.pk] = self.deliver(record)
             return result
-        envelopes = [row_envelope(r.row, account) for r in records]
+        limit = self.settings.max_message_size
+        envelopes = [row_envelope(r.row, account, limit) for r in records]
         # Rows stored unbuilt are built while the stream waits for Gmail, one per wait, each
         # ahead of its turn (the stream reads a message's bytes when it writes its envelope).
         unbuilt = deque(e for e in envelopes if isinstance(e, DraftEnvelope))

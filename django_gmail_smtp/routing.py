@@ -38,6 +38,7 @@ from .credentials import default_account, settings_account
 from .exceptions import (
     HeaderInjection,
     InvalidMessage,
+    MessageTooLarge,
     NoSenderAccount,
     SenderNotAllowed,
     TooManyRecipients,
@@ -83,9 +84,17 @@ class DraftEnvelope(Envelope):
     :class:`~django_gmail_smtp.exceptions.InvalidMessage` where the bytes are first read:
     the transport's error for that message alone."""
 
-    def __init__(self, *, draft: dict[str, Any], estimate: int = 0, **fields: Any) -> None:
+    def __init__(
+        self,
+        *,
+        draft: dict[str, Any],
+        estimate: int = 0,
+        max_size: int | None = None,
+        **fields: Any,
+    ) -> None:
         self._draft = draft
         self._estimate = estimate
+        self._max_size = max_size
         self._built: bytes | None = None
         super().__init__(data=b"", **fields)
 
@@ -93,6 +102,14 @@ class DraftEnvelope(Envelope):
     def data(self) -> bytes:
         if self._built is None:
             self._built = build_draft(self._draft)
+        if self._max_size is not None and len(self._built) > self._max_size:
+            # Never at queue time's estimate; checked again on what was built, to be sure.
+            raise MessageTooLarge(
+                f"The message is {len(self._built):,} bytes; Gmail accepts at most "
+                f'{self._max_size:,} (GMAIL_SMTP["MAX_MESSAGE_SIZE"]), so it was not sent',
+                account=self.account.email,
+                phase="size",
+            )
         return self._built
 
     @data.setter
@@ -104,10 +121,11 @@ class DraftEnvelope(Envelope):
         return self._built is not None
 
     def build(self) -> bool:
-        """Build the bytes now (False: the draft does not build; reading ``data`` raises)."""
+        """Build the bytes now (False: the draft does not build, or is too large; reading
+        ``data`` raises)."""
         try:
             self.data  # noqa: B018
-        except InvalidMessage:
+        except (InvalidMessage, MessageTooLarge):
             return False
         return True
 
@@ -471,7 +489,6 @@ _MESSAGE_TAKES_POLICY = "policy" in inspect.signature(EmailMessage.message).para
 #: does not know rather than sending something else than was queued
 DRAFT_VERSION = 1
 #: per-instance attributes a draft keeps (a message with others is built at once)
-_DRAFT_SUBTYPES = ("content_subtype", "mixed_subtype", "alternative_subtype")
 _DRAFT_ATTRIBUTES = frozenset(
     {
         "_connection",
@@ -487,9 +504,11 @@ _DRAFT_ATTRIBUTES = frozenset(
         "reply_to",
         "subject",
         "to",
-        *_DRAFT_SUBTYPES,
+        "content_subtype",
     }
 )
+#: what ``str.splitlines`` breaks at besides CR and LF (those are refused as injection)
+_LINE_BREAKS = frozenset("\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 _UTF8 = frozenset({"utf-8", "utf8"})
 #: extra headers the email package parses (a message with one is built at once, so that a bad
 #: value is refused now), but for the address headers :func:`check_headers` reads itself
@@ -539,9 +558,13 @@ def _draft(message: EmailMessage, *, max_size: int) -> tuple[dict[str, Any] | No
     alternatives = []
     for alternative in getattr(message, "alternatives", None) or ():
         content, mimetype = alternative[0], alternative[1]
-        if not isinstance(content, str) or not isinstance(mimetype, str):
+        if not isinstance(content, str) or not isinstance(mimetype, str) or "/" not in mimetype:
             return None, 0
         alternatives.append([str(content), str(mimetype)])
+    header_texts = [subject, from_email, *lists["to"], *lists["cc"], *lists["reply_to"]]
+    header_texts += extra.values()
+    if any(_LINE_BREAKS.intersection(text) for text in header_texts):
+        return None, 0  # line breaks of Unicode's own: the email package refuses them
     # Where Django puts them (before the extra headers), fixed now, as Django would write them.
     # A list of pairs, not an object: PostgreSQL's jsonb does not keep the order of keys.
     headers = [["Date", _date_header()], ["Message-ID", make_msgid(domain=str(DNS_NAME))]]
@@ -556,27 +579,33 @@ def _draft(message: EmailMessage, *, max_size: int) -> tuple[dict[str, Any] | No
     }
     if alternatives:
         draft["alternatives"] = alternatives
-    for name in _DRAFT_SUBTYPES:
-        if name in attributes:
-            if not isinstance(attributes[name], str):
-                return None, 0
-            draft[name] = str(attributes[name])
-    estimate = draft_estimate(draft)
-    if estimate > max_size:
+    if "content_subtype" in attributes:
+        if not isinstance(attributes["content_subtype"], str):
+            return None, 0
+        draft["content_subtype"] = str(attributes["content_subtype"])
+    try:
+        estimate = draft_estimate(draft)
+    except UnicodeEncodeError:  # a lone surrogate: no database or message can hold it
         return None, 0
+    if estimate > max_size or "\x00" in body or any("\x00" in c for c, _ in alternatives):
+        return None, 0  # a NUL: PostgreSQL's jsonb cannot hold it (the bytes can)
     return draft, estimate
 
 
 def draft_estimate(draft: dict[str, Any]) -> int:
-    """At most how many bytes the draft builds to: each text's UTF-8 bytes four times over
-    (quoted-printable writes a byte as three, and a line end becomes CRLF), plus room for the
-    headers and the MIME structure."""
-    texts = [draft["subject"], draft["body"], draft["from_email"]]
-    texts += [*draft["to"], *draft["cc"], *draft["reply_to"]]
-    texts += [f"{k}: {v}" for k, v in draft["headers"]]
-    texts += [content for content, _ in draft.get("alternatives", ())]
-    parts = 1 + len(draft.get("alternatives", ()))
-    return 4 * sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 2048 * parts + 4096
+    """At most how many bytes the draft builds to: the UTF-8 bytes of the body and the
+    alternatives four times over (quoted-printable writes a byte as three, and a line end
+    becomes CRLF), those of the headers and addresses eight times over (encoded words, IDNA
+    domains) with room for each, plus room for the MIME structure. Raises UnicodeEncodeError
+    for text that UTF-8 cannot write."""
+    bodies = [draft["body"], *(content for content, _ in draft.get("alternatives", ()))]
+    headers = [draft["subject"], draft["from_email"], draft.get("content_subtype", "")]
+    headers += [*draft["to"], *draft["cc"], *draft["reply_to"]]
+    headers += [f"{k}: {v}" for k, v in draft["headers"]]
+    headers += [mimetype for _, mimetype in draft.get("alternatives", ())]
+    size = 4 * sum(len(text.encode("utf-8")) for text in bodies)
+    size += sum(8 * len(text.encode("utf-8")) + 64 for text in headers)
+    return size + 2048 * len(bodies) + 4096
 
 
 def build_draft(draft: dict[str, Any]) -> bytes:
@@ -612,15 +641,16 @@ def build_draft(draft: dict[str, Any]) -> bytes:
         )
         for content, mimetype in alternatives:
             message.attach_alternative(content, mimetype)  # type: ignore[attr-defined]
-        for name in _DRAFT_SUBTYPES:
-            if name in draft:
-                setattr(message, name, draft[name])
-    except (KeyError, TypeError, ValueError) as exc:
+        if "content_subtype" in draft:
+            message.content_subtype = draft["content_subtype"]
+        return _message_bytes(message)[0]
+    except InvalidMessage:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise InvalidMessage(
             f"The stored message cannot be read back ({type(exc).__name__}: {exc})",
             hint="Queue it again; if this repeats, report it with the row's id.",
         ) from None
-    return _message_bytes(message)[0]
 
 
 def _plain_classes() -> tuple[type, ...]:

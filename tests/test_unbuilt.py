@@ -386,3 +386,13 @@ def test_a_row_with_no_message_at_all_fails_instead_of_sending_an_empty_one(
     row.refresh_from_db()
     assert row.status == Status.FAILED and "nothing to send" in row.last_error
     assert sandbox.deliveries == []
+
+
+def test_the_worker_checks_the_size_of_what_it_built(account, sandbox, pool, dispatched, settings):
+    (row,) = queue(EmailMessage("s", "x" * 3000, SENDER, ["t@x.example"]))
+    assert row.draft is not None
+    with_keys(settings, MAX_MESSAGE_SIZE=1000)  # lowered after it was queued
+    assert outbox.deliver(row.pk, pool=pool) == Outcome.FAILED
+    row.refresh_from_db()
+    assert row.status == Status.FAILED and "MAX_MESSAGE_SIZE" in row.last_error
+    assert sandbox.deliveries == []

@@ -10,6 +10,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets
 from django.db import connections
 from django.db.models import Count, F, Func, QuerySet, TextField, Value
+from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce, Concat
 from django.http import HttpRequest
 from django.utils.html import format_html
@@ -61,7 +62,14 @@ class WaitingTooLong(admin.SimpleListFilter):
 def _message_text(queryset: QuerySet) -> Func:
     """The stored message (headers and body, or the parts of one stored unbuilt) as text the
     database can search."""
-    draft = Coalesce(Cast("draft", TextField()), Value(""), output_field=TextField())
+    # A draft's texts as the database reads them out of the JSON (SQLite keeps non-ASCII and
+    # quotes escaped in the JSON text itself), then the rest of it (headers, addresses).
+    parts: list[Func] = [KT("draft__subject"), KT("draft__body"), KT("draft__alternatives__0__0")]
+    parts.append(Cast("draft", TextField()))
+    draft = Concat(
+        *(Coalesce(p, Value(""), output_field=TextField()) for p in parts),
+        output_field=TextField(),
+    )
     mime: Func
     if connections[queryset.db].vendor == "postgresql":
         # bytea::text is hex; encode(..., 'escape') keeps ASCII and never fails on bad UTF-8.
@@ -232,7 +240,6 @@ class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
             f"{addr}: {code} {text}" for addr, (code, text) in obj.refused_recipients.items()
         )
 
-    @admin.display(description="last error")
     @admin.display(description="size")
     def size_text(self, obj: OutboundEmail) -> str:
         if obj.draft is not None and not obj.mime:
@@ -245,6 +252,7 @@ class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
             return f"{obj.size:,} bytes (the message was dropped after the retention period)"
         return f"{obj.size:,} bytes"
 
+    @admin.display(description="last error")
     def error_text(self, obj: OutboundEmail) -> str:
         return readable_error(obj.last_error) if obj.last_error else "-"
 
