@@ -277,11 +277,11 @@ _SQL_LITERALS = {(type(None), None): "NULL", (int, 0): "0", (str, ""): "''"}
 
 
 def insert_one(row: OutboundEmail, using: str) -> None:
-    """``row.save(force_insert=True)`` for a new outbox row, at half the ORM's cost.
+    """``row.save(force_insert=True)`` for a new outbox row, without the ORM's work per save.
 
     The statement is the ORM's own, compiled once per database (the ORM compiles it anew on
-    every save: a third of the cost of queueing one message), and the values are prepared by
-    the fields as ``save()`` prepares them. Inside a transaction an error marks it for
+    every save), the defaults a new row keeps are written into it, and the other values are
+    prepared by the fields as ``save()`` prepares them. Inside a transaction an error marks it for
     rollback, as ``save()`` does. Where ``pre_save`` or ``post_save`` has receivers for
     OutboundEmail, or the statement has placeholders that depend on the values, this is
     ``save()`` itself."""
