@@ -335,12 +335,13 @@ def _compile_insert(row: OutboundEmail, using: str) -> _Statement | None:
     # statement: fewer parameters to adapt on every INSERT.
     placeholders, passed, constant = [], [], []
     for f in fields:
-        default = None if f.name in _NEW_ROW_FIELDS else f.get_default()
-        literal = None
-        if f.name not in _NEW_ROW_FIELDS and (default is None or type(default) in (int, str)):
-            literal = _SQL_LITERALS.get((type(default), default))
-        elif f.name not in _NEW_ROW_FIELDS and isinstance(f, JSONField) and default == {}:
-            literal = "'{}'"  # an empty JSON object, as JSONField writes it
+        default, literal = None, None
+        if f.name not in _NEW_ROW_FIELDS:
+            default = f.get_default()
+            if default is None or type(default) in (int, str):
+                literal = _SQL_LITERALS.get((type(default), default))
+            elif isinstance(f, JSONField) and default == {}:
+                literal = "'{}'"  # an empty JSON object, as JSONField writes it
         if literal is None:
             placeholders.append("%s")
             passed.append(f)

@@ -24,7 +24,7 @@ from email.utils import format_datetime, formatdate, make_msgid, parseaddr
 from typing import Any
 
 from django.conf import settings as django_settings
-from django.core.mail import EmailMessage
+from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.core.mail.utils import DNS_NAME
 from django.db import connections
 from django.db import router as db_router
@@ -612,8 +612,6 @@ def build_draft(draft: dict[str, Any]) -> bytes:
     """The bytes of a message stored as a draft (:func:`draft_of`), built by Django as the
     message itself would have been. Raises :class:`InvalidMessage` for a draft that does not
     build (made by another version, or refused by this Django)."""
-    from django.core.mail import EmailMultiAlternatives
-
     if not draft:
         raise InvalidMessage(
             "The stored message is empty, so there is nothing to send (it was queued by a "
@@ -653,22 +651,12 @@ def build_draft(draft: dict[str, Any]) -> bytes:
         ) from None
 
 
-def _plain_classes() -> tuple[type, ...]:
-    from django.core.mail import EmailMultiAlternatives
-
-    return (EmailMessage, EmailMultiAlternatives)
-
-
-_PLAIN_CLASSES = _plain_classes()
+_PLAIN_CLASSES = (EmailMessage, EmailMultiAlternatives)
 
 
 def _text(value: Any) -> str | None:
     """A string, or a lazy translation (made a string now); None for anything else."""
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, Promise):
-        return str(value)
-    return None
+    return str(value) if isinstance(value, str | Promise) else None
 
 
 def _charset() -> str:

@@ -257,16 +257,26 @@ def bar_chart(
 PREVIEW_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:"
 
 
+def stored_message(row: OutboundEmail) -> bytes:
+    """The row's message as it is sent: its stored bytes, or its draft as the worker builds it
+    (the same but for the boundaries between the parts of a multipart message), built once
+    per row object. Empty when its body was dropped; InvalidMessage for a draft that does not
+    build."""
+    built = getattr(row, "_gms_built", None)
+    if built is None:
+        built = bytes(row.mime or b"")
+        if not built and row.draft is not None:
+            built = build_draft(row.draft)
+        row._gms_built = built  # type: ignore[attr-defined]
+    return built
+
+
 def message_preview(row: OutboundEmail) -> SafeString:
     """Headers, text, HTML (in a sandboxed frame: no scripts, no remote loads) and attachments."""
-    raw = bytes(row.mime or b"")
-    if not raw and row.draft is not None:
-        # Stored unbuilt: shown as the worker builds it (the same but for the boundaries
-        # between the parts of a multipart message).
-        try:
-            raw = build_draft(row.draft)
-        except InvalidMessage as exc:
-            return format_html("<p>The stored message cannot be built: {}</p>", exc)
+    try:
+        raw = stored_message(row)
+    except InvalidMessage as exc:
+        return format_html("<p>The stored message cannot be built: {}</p>", exc)
     if not raw:
         return format_html(
             "<p>The message body was dropped after the retention period ({}).</p>",

@@ -10,7 +10,6 @@ built bytes; a draft stores on every supported database (PostgreSQL's jsonb incl
 
 from __future__ import annotations
 
-import re
 from contextlib import ExitStack
 from datetime import timezone as dt_timezone
 from email import message_from_bytes, policy
@@ -37,23 +36,11 @@ from django_gmail_smtp.models import OutboundEmail
 
 from .conftest import SENDER
 from .factories import staff_user, with_keys
+from .test_unbuilt import normalised, queue
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 TO = ["t@example.net"]
-
-
-def queue(*messages: EmailMessage) -> list[OutboundEmail]:
-    CeleryGmailBackend().send_messages(list(messages))
-    return list(OutboundEmail.objects.order_by("pk"))
-
-
-def normalised(data: bytes) -> bytes:
-    """The bytes with the multipart boundaries (random in each build) made the same."""
-    boundaries = set(re.findall(rb'boundary="([^"]+)"', data))
-    for i, boundary in enumerate(sorted(boundaries)):
-        data = data.replace(boundary, b"BOUNDARY%d" % i)
-    return data
 
 
 def eager_bytes(message: EmailMessage, draft: dict) -> bytes:

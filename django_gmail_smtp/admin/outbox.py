@@ -19,7 +19,6 @@ from .. import outbox, stats
 from ..conf import get_setting
 from ..exceptions import InvalidMessage
 from ..models import OutboundAttempt, OutboundEmail
-from ..routing import build_draft
 from .lookups import OfferedLookupsOnly
 from .widgets import moment, readable_error
 
@@ -244,7 +243,7 @@ class OutboundEmailAdmin(OfferedLookupsOnly, admin.ModelAdmin):
     def size_text(self, obj: OutboundEmail) -> str:
         if obj.draft is not None and not obj.mime:
             try:
-                size = len(build_draft(obj.draft))
+                size = len(stats.stored_message(obj))  # built once for this and the preview
             except InvalidMessage:
                 return "- (the stored message cannot be built)"
             return f"{size:,} bytes (stored unbuilt: the worker builds it when it sends it)"
