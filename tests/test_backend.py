@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 from email.utils import parseaddr
 
 import pytest
@@ -13,6 +14,7 @@ from django.core.mail import EmailMessage, EmailMultiAlternatives, get_connectio
 
 from django_gmail_smtp.backends import GmailSMTPBackend
 from django_gmail_smtp.models import GmailAccount
+from django_gmail_smtp.transport import GmailConnection
 
 from .conftest import ALIAS, APP_PASSWORD, SENDER
 
@@ -207,3 +209,17 @@ def test_partial_recipient_refusal_is_reported(account, sandbox):
     assert set(message.gmail_status["refused"]) == {"nobody@example.net"}
     code, text = message.gmail_status["refused"]["nobody@example.net"]
     assert code == 553 and "5.1.3" in text
+
+
+@pytest.mark.parametrize("which", ["sandbox", "ssl_sandbox"])
+def test_the_socket_to_gmail_has_nagle_off(which, request, make_account):
+    # Nagle would hold the EHLO after the TLS handshake, and each pipelined envelope, until
+    # the previous write is acknowledged: a round trip for nothing (issue 13).
+    account = make_account(request.getfixturevalue(which))
+    connection = GmailConnection(account)
+    connection.open()
+    try:
+        sock = connection._smtp.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        connection.close()
