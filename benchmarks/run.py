@@ -122,7 +122,14 @@ class Bench:
     """What a case works with: the sandbox (``sandbox``), the proxy in front of it (``port``),
     the throw-away test database with one App Password account, and this run's queues."""
 
-    def __init__(self, tmp: Path, tag: str, sandbox: GmailSandbox, proxy: LatencyProxy) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        tag: str,
+        sandbox: GmailSandbox,
+        proxy: LatencyProxy,
+        journal_mode: str = "",
+    ) -> None:
         self.tmp = tmp
         self.tag = tag
         self.sandbox = sandbox
@@ -132,7 +139,7 @@ class Bench:
         self.queues = {"transactional": f"bench.{tag}.t", "bulk": f"bench.{tag}.b"}
         self.baseline_queue = f"bench.{tag}.djcelery_email"
         #: SQLite's journal mode for the case ("": SQLite's default)
-        self.journal_mode = ""
+        self.journal_mode = journal_mode
 
     def rtt(self) -> float:
         """One SMTP NOOP round trip through the proxy, in seconds (median of 10)."""
@@ -201,8 +208,7 @@ def bench_environment(delay: float, journal_mode: str = "") -> Iterator[Bench]:
         os.environ["SSL_CERT_FILE"] = sandbox.ca_file
         proxy = LatencyProxy("127.0.0.1", sandbox.port, delay=delay)
         proxy.start()
-        bench = Bench(tmp, tag, sandbox, proxy)
-        bench.journal_mode = journal_mode
+        bench = Bench(tmp, tag, sandbox, proxy, journal_mode)
         os.environ["BENCH_BASELINE_QUEUE"] = bench.baseline_queue
         with django_database(bench):
             yield bench

@@ -11,8 +11,13 @@ outbox's lean INSERT writes what ``save()`` writes.
 from __future__ import annotations
 
 import re
+from contextlib import ExitStack
+from datetime import timezone as dt_timezone
 from email import message_from_bytes, policy
+from email.utils import parsedate_to_datetime
+from unittest import mock
 
+import django.core.mail.message as django_message
 import pytest
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.db import connection, transaction
@@ -46,14 +51,32 @@ def normalised(data: bytes) -> bytes:
 
 
 def eager_bytes(message: EmailMessage, draft: dict) -> bytes:
-    """What the message builds to now, with the draft's Date and Message-ID."""
-    fixed = {k: v for k, v in draft["headers"] if k in ("Date", "Message-ID")}
-    original = message.extra_headers
-    message.extra_headers = {**fixed, **(original or {})}
-    try:
-        return routing._message_bytes(message)[0]
-    finally:
-        message.extra_headers = original
+    """What the change replaced: the message routed and built at once, by Django's own code
+    for the Date and Message-ID (not given as extra headers), made to write the draft's."""
+    fixed = dict(draft["headers"])
+    moment = parsedate_to_datetime(fixed["Date"])
+    if moment.tzinfo is None:  # "-0000": Django's own moment is always aware
+        moment = moment.replace(tzinfo=dt_timezone.utc)
+
+    class Now:
+        @staticmethod
+        def now(tz=None):
+            return moment
+
+    with ExitStack() as stack:
+        stack.enter_context(
+            mock.patch.object(django_message, "make_msgid", lambda **kw: fixed["Message-ID"])
+        )
+        if routing._MESSAGE_TAKES_POLICY:  # Django 6 writes a datetime
+            stack.enter_context(mock.patch.object(django_message, "datetime", Now))
+        else:  # Django < 6 writes formatdate()
+            stack.enter_context(
+                mock.patch.object(django_message, "formatdate", lambda **kw: fixed["Date"])
+            )
+        eager = routing.Router(options=CeleryGmailBackend().settings, include_paused=True)
+        envelope = eager.route(message)
+    assert envelope is not None and envelope.draft is None
+    return envelope.data
 
 
 def html_message() -> EmailMultiAlternatives:
